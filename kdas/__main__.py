@@ -1,0 +1,3 @@
+from kdas.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Datasets: catalog, import, fetch, synthetic data, manifest, splits, torch Dataset."""

@@ -1,0 +1,144 @@
+"""`kdas data manifest`: one row per image/mask pair, in a parquet file.
+
+The manifest is what validation checks and what training reads. Rows whose files have
+not changed since the last run (same path, size and mtime) are reused, so a re-run after
+adding a few images only reads those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from kdas.config import SplitParams
+from kdas.data.splits import assign_splits
+from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, open_image, read_mask, to_uint8
+
+log = logging.getLogger(__name__)
+
+FILE_KEY = ["image_path", "image_bytes", "image_mtime", "mask_path", "mask_bytes", "mask_mtime"]
+
+
+def _stat(path: str) -> tuple[int, int]:
+    if not path:
+        return -1, -1
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def phash(grey: np.ndarray) -> int:
+    """64-bit DCT perceptual hash: near-duplicates (re-encoded, resized) differ in few bits."""
+    small = cv2.resize(grey.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
+    low = cv2.dct(small)[:8, :8].flatten()
+    bits = low > np.median(low[1:])
+    return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+
+def _describe_image(path: str) -> dict:
+    data = Path(path).read_bytes()
+    im = open_image(path)
+    row = {"mode": im.mode, "width": im.width, "height": im.height, "image_sha256": hashlib.sha256(data).hexdigest()}
+    if im.mode in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr"):
+        rgb = np.asarray(im.convert("RGB"))
+    else:  # 16-bit modes PIL cannot convert to RGB
+        rgb = to_uint8(np.asarray(im))
+        rgb = np.repeat(rgb[..., None], 3, 2) if rgb.ndim == 2 else rgb[..., :3]
+    row["channels"] = rgb.shape[2]
+    row["mean_r"], row["mean_g"], row["mean_b"] = (float(v) for v in rgb.reshape(-1, 3).mean(0))
+    row["phash"] = f"{phash(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)):016x}"
+    return row
+
+
+def describe_pair(image_path: str, mask_path: str) -> dict:
+    """Everything the data contract checks about one pair; a decode failure goes to `error`."""
+    row: dict = {"image_path": image_path, "mask_path": mask_path, "error": ""}
+    row["image_bytes"], row["image_mtime"] = _stat(image_path)
+    row["mask_bytes"], row["mask_mtime"] = _stat(mask_path)
+    errors = []
+    if not image_path:
+        errors.append(f"{mask_path}: mask without image")
+    else:
+        try:
+            row.update(_describe_image(image_path))
+        except ImageReadError as exc:
+            errors.append(str(exc))
+    if not mask_path:
+        errors.append(f"{image_path}: image without mask")
+    else:
+        try:
+            grey = read_mask(mask_path)
+            row["mask_width"], row["mask_height"] = grey.shape[1], grey.shape[0]
+            row["foreground_fraction"] = float(np.mean(grey > 127))
+            row["nonbinary_fraction"] = float(np.mean((grey > 0) & (grey < 255)))
+        except ImageReadError as exc:
+            errors.append(str(exc))
+    row["error"] = "; ".join(errors)
+    return row
+
+
+def list_pairs(raw_root: Path, dataset: str) -> list[tuple[str, str, str]]:
+    """(id, image path, mask path) for every file of data/raw/<dataset>; '' where one side is missing."""
+    folder = raw_root / dataset
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such dataset; import it (`kdas data import`) or generate it (`kdas data synth`)")
+
+    def files(sub: str) -> dict[str, str]:
+        d = folder / sub
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: missing; a dataset folder holds images/ and masks/")
+        return {p.stem: str(p) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+
+    images, masks = files("images"), files("masks")
+    return [(k, images.get(k, ""), masks.get(k, "")) for k in sorted(set(images) | set(masks))]
+
+
+def build_manifest(raw_root: str | Path, datasets: list[str], split: SplitParams, previous: pd.DataFrame | None = None, workers: int | None = None) -> pd.DataFrame:
+    raw_root = Path(raw_root)
+    listed = [(ds, i, img, mask) for ds in datasets for i, img, mask in list_pairs(raw_root, ds)]
+    cached: dict[tuple, dict] = {}
+    if previous is not None and len(previous):
+        for rec in previous.to_dict("records"):
+            cached[tuple(rec[k] for k in FILE_KEY)] = rec
+    rows: list[dict | None] = []
+    todo = []
+    for n, (ds, i, img, mask) in enumerate(listed):
+        key = (img, *_stat(img), mask, *_stat(mask))
+        rows.append(cached.get(key))
+        if rows[-1] is None:
+            todo.append(n)
+    log.info("manifest: %d pairs, %d unchanged, %d to read", len(listed), len(listed) - len(todo), len(todo))
+    if todo:
+        with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+            futures = pool.map(describe_pair, [listed[n][2] for n in todo], [listed[n][3] for n in todo], chunksize=8)
+            for n, row in zip(todo, tqdm(futures, total=len(todo), desc="manifest", unit="pair", disable=None)):
+                rows[n] = row
+    for (ds, i, _, _), row in zip(listed, rows):
+        row.update(dataset=ds, id=i)
+    df = pd.DataFrame(rows)
+    df["split"] = assign_splits(df, split) if len(df) else pd.Series(dtype="str")
+    first = ["dataset", "id", "split", "image_path", "mask_path", "width", "height", "channels", "mode", "mask_width", "mask_height",
+             "foreground_fraction", "nonbinary_fraction", "mean_r", "mean_g", "mean_b", "image_sha256", "phash", "error"]
+    for col in first:
+        if col not in df:
+            df[col] = pd.NA
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no manifest; build it with `kdas data manifest`")
+    return pd.read_parquet(path)
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)

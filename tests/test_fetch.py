@@ -1,0 +1,109 @@
+"""`kdas data fetch` against an HTTP server the test starts on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import write_pair
+from kdas.data import catalog
+from kdas.data.fetch import FetchError, fetch
+from kdas.data.importer import import_dataset
+
+
+class ReleaseServer(BaseHTTPRequestHandler):
+    """Serves `payload` with Range support; `corrupt_first` bad copies are sent first."""
+
+    payload = b""
+    corrupt_first = 0
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        cls = type(self)
+        cls.requests.append(self.headers.get("Range", ""))
+        body = cls.payload
+        if cls.corrupt_first:
+            cls.corrupt_first -= 1
+            body = body[:-10]
+        start = 0
+        if rng := self.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def release(tmp_path):
+    src = tmp_path / "release" / "Kvasir-SEG"
+    for i in range(3):
+        write_pair(src / "images", src / "masks", f"k{i}", img_ext=".jpg", mask_ext=".jpg", seed=i)
+    archive = tmp_path / "kvasir-seg.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*"):
+            zf.write(p, p.relative_to(tmp_path / "release"))
+    ReleaseServer.payload = archive.read_bytes()
+    ReleaseServer.corrupt_first = 0
+    ReleaseServer.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ReleaseServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/kvasir-seg.zip"
+    server.shutdown()
+
+
+def test_fetch_then_import(tmp_path, release):
+    archive = fetch("kvasir-seg", tmp_path / "downloads", url=release)
+    assert archive.read_bytes() == ReleaseServer.payload
+    assert not list((tmp_path / "downloads").glob("*.part"))
+    [out] = import_dataset(archive, tmp_path / "raw", name="kvasir-seg", track=False)
+    assert len(list((out / "images").iterdir())) == 3
+
+
+def test_interrupted_download_resumes_with_a_range_request(tmp_path, release):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    half = len(ReleaseServer.payload) // 2
+    (downloads / "kvasir-seg.zip.part").write_bytes(ReleaseServer.payload[:half])
+    archive = fetch("kvasir-seg", downloads, url=release)
+    assert archive.read_bytes() == ReleaseServer.payload
+    assert ReleaseServer.requests == [f"bytes={half}-"]
+
+
+def test_bad_download_is_retried_clean_then_refused(tmp_path, release, monkeypatch):
+    good = hashlib.sha256(ReleaseServer.payload).hexdigest()
+    monkeypatch.setitem(catalog.CATALOG, "kvasir-seg", dataclasses.replace(catalog.CATALOG["kvasir-seg"], sha256=good))
+    ReleaseServer.corrupt_first = 1
+    archive = fetch("kvasir-seg", tmp_path / "d1", url=release)
+    assert archive.read_bytes() == ReleaseServer.payload and ReleaseServer.requests == ["", ""]
+
+    ReleaseServer.corrupt_first = 2
+    with pytest.raises(FetchError, match="failed its check twice.*sha256"):
+        fetch("kvasir-seg", tmp_path / "d2", url=release)
+    assert not list((tmp_path / "d2").iterdir())  # nothing half-written
+
+
+def test_unknown_or_uncatalogued_release(tmp_path):
+    with pytest.raises(FetchError, match="unknown dataset 'nope'"):
+        fetch("nope", tmp_path)
+    with pytest.raises(FetchError, match="kdas data import PATH --name cvc-colondb"):
+        fetch("cvc-colondb", tmp_path)
+
+
+def test_unreachable_server_says_to_resume(tmp_path):
+    with pytest.raises(FetchError, match="run the command again to resume"):
+        fetch("kvasir-seg", tmp_path, url="http://127.0.0.1:9/kvasir-seg.zip", timeout=2)
