@@ -1,0 +1,32 @@
+"""Where tensors run, and how (autocast dtype)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is taken as a torch device string."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, else fp16; None (full precision) off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    dtype = autocast_dtype(device)
+    if not enabled or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
