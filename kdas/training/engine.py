@@ -1,0 +1,310 @@
+"""The training loop shared by teacher and student.
+
+What makes it trustworthy:
+- the model is selected on the held-out `val` split (meanDic of the standard protocol),
+  never on a test set; early stopping watches the same number;
+- the teacher is frozen: eval mode, no gradients, its forward under `no_grad`;
+- every epoch ends with an atomic checkpoint of everything that moves (weights,
+  optimiser, scheduler, scaler, RNG states, history), so a run killed at any moment
+  resumes to the same result as an uninterrupted one (on CPU, same seed);
+- gradients are clipped by value like the official code (`clip_gradient`), the
+  learning-rate decay really fires, and flips/rotations really augment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from kdas.checkpoint import load_model, save_model
+from kdas.config import DistillParams, TrainParams
+from kdas.data.dataset import PolypDataset
+from kdas.device import autocast, autocast_dtype, select_device
+from kdas.io import atomic_path, write_text
+from kdas.losses import distillation_loss
+from kdas.metrics import Evaluator
+from kdas.models import OUTPUT_STRIDE, create_model
+from kdas.training.distributed import World, barrier, broadcast, init_world, shutdown
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+BEST = "best.pt"
+EpochCallback = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TrainJob:
+    role: str                      # teacher | student (names the outputs)
+    arch: str                      # a kdas.models name
+    manifest: pd.DataFrame
+    out_dir: Path
+    train: TrainParams
+    distill: DistillParams         # method "none" trains on the ground truth alone
+    pretrained: str = "none"
+    teacher: Path | None = None    # model file of the frozen teacher (sgm, kdas)
+    resume: bool = False
+    device: str = "auto"
+    max_steps: int | None = None   # per epoch; for smoke tests and benchmarks
+    on_epoch: EpochCallback | None = None
+
+
+@dataclass
+class TrainResult:
+    best_path: Path
+    best_epoch: int
+    best_val_dice: float
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def scaled_size(base: int, scale: float) -> int:
+    """Multi-scale sizes are rounded to the model's stride (32)."""
+    return max(OUTPUT_STRIDE, int(round(base * scale / OUTPUT_STRIDE)) * OUTPUT_STRIDE)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _worker_init(worker_id: int) -> None:
+    """Each loader worker draws augmentations from its own seeded stream (torch gives every
+    worker base_seed + id, and base_seed comes from the loader's seeded generator)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and info.dataset.augment is not None:
+        info.dataset.augment.set_random_seed(seed)
+
+
+def _rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = manifest[(manifest["split"] == split) & (manifest["error"].fillna("") == "")]
+    if rows.empty:
+        raise ValueError(f"the manifest has no usable '{split}' images; check data.datasets and data.split in params.yaml")
+    return rows
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int) -> float:
+    """meanDic of the standard protocol on the val split, at the training size."""
+    model.eval()
+    evaluator = Evaluator()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    for start, (images, masks) in zip(range(0, len(data), batch_size), loader):
+        with autocast(device):
+            p1, p2 = model(images.to(device))
+        probs = torch.sigmoid((p1 + p2).float()).cpu().numpy()[:, 0]
+        for k, (prob, mask) in enumerate(zip(probs, masks.numpy()[:, 0] > 0.5)):
+            evaluator.add(data.ids[start + k], prob.astype(np.float64), mask)
+    return evaluator.summary()["meanDic"]
+
+
+class Trainer:
+    def __init__(self, job: TrainJob):
+        self.job = job
+        p = job.train
+        self.device = select_device(job.device)
+        self.world = init_world(self.device)
+        if self.device.type == "cuda" and self.world.distributed:
+            self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        seed_everything(p.seed)
+        self.out_dir = Path(job.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=True, workers=max(1, p.workers))
+        self.val_data = PolypDataset(_rows(job.manifest, "val"), p.image_size, augment=False, workers=max(1, p.workers))
+        self.generator = torch.Generator().manual_seed(p.seed)
+        self.sampler = (
+            DistributedSampler(self.train_data, num_replicas=self.world.size, rank=self.world.rank, seed=p.seed, drop_last=True)
+            if self.world.distributed
+            else RandomSampler(self.train_data, generator=self.generator)
+        )
+        self.loader = DataLoader(
+            self.train_data, batch_size=p.batch_size, sampler=self.sampler, num_workers=p.workers,
+            pin_memory=self.device.type == "cuda", drop_last=len(self.train_data) >= p.batch_size * self.world.size,
+            worker_init_fn=_worker_init, generator=self.generator, persistent_workers=False,
+        )
+
+        self.model = create_model(job.arch, pretrained=job.pretrained).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world.distributed else self.model
+        self.teacher = self._load_teacher()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.decay_epochs, gamma=p.lr_decay)
+        # fp16 needs loss scaling; bf16 and full precision do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.amp and autocast_dtype(self.device) == torch.float16)
+        self.start_epoch, self.best, self.best_epoch, self.history = 0, -math.inf, -1, []
+
+    def _load_teacher(self) -> torch.nn.Module | None:
+        method = self.job.distill.method
+        if method == "none":
+            return None
+        if self.job.teacher is None:
+            raise ValueError(f"distill.method '{method}' needs a teacher: pass --teacher MODEL_FILE_OR_URI")
+        teacher = load_model(self.job.teacher, self.device).model
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    # -- checkpoints -----------------------------------------------------------------
+    def save_last(self, epoch: int) -> None:
+        state = {
+            "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "best": self.best,
+            "best_epoch": self.best_epoch, "history": self.history, "rng": _rng_state(), "generator": self.generator.get_state(),
+            "arch": self.job.arch, "method": self.job.distill.method,
+        }
+        with atomic_path(self.out_dir / LAST) as tmp:
+            torch.save(state, tmp)
+
+    def load_last(self) -> None:
+        path = self.out_dir / LAST
+        if not path.exists():
+            log.info("--resume: no %s yet, starting from scratch", path)
+            return
+        # our own file, written by save_last: it holds RNG states (numpy arrays), hence weights_only=False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["arch"] != self.job.arch or state["method"] != self.job.distill.method:
+            raise ValueError(f"{path}: a {state['arch']}/{state['method']} run; cannot resume it as {self.job.arch}/{self.job.distill.method}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best, self.best_epoch, self.history = state["best"], state["best_epoch"], state["history"]
+        self.start_epoch = state["epoch"] + 1
+        _set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        log.info("resumed %s after epoch %d (best val meanDic %.4f at epoch %d)", path, state["epoch"] + 1, self.best, self.best_epoch + 1)
+
+    # -- the loop --------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        p, d = self.job.train, self.job.distill
+        self.net.train()
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        if self.train_data.augment is not None:  # used when the loader has no workers
+            self.train_data.augment.set_random_seed(p.seed * 1000 + epoch)
+        sums: dict[str, float] = {}
+        n_images, data_time, compute_time = 0, 0.0, 0.0
+        bar = tqdm(self.loader, desc=f"{self.job.role} {epoch + 1}/{p.epochs}", unit="batch", disable=None if self.world.is_main else True, leave=False)
+        tick = time.perf_counter()
+        for step, (images, masks) in enumerate(bar):
+            if self.job.max_steps is not None and step >= self.job.max_steps:
+                break
+            images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+            started = time.perf_counter()
+            data_time += started - tick
+            for scale in p.multiscale:
+                size = scaled_size(p.image_size, scale)
+                x, y = images, masks
+                if size != p.image_size:
+                    x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
+                    y = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=True)
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(self.device, p.amp):
+                    student = self.net(x)
+                    teacher = None
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            teacher = self.teacher(x)
+                losses = distillation_loss(d.method, student, teacher, y, alpha=d.alpha, tau=d.tau, pool_stride=d.pool_stride)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(losses["loss"]).backward()
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_value_(self.model.parameters(), p.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(images)
+            n_images += len(images)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            tick = time.perf_counter()
+            compute_time += tick - started
+            bar.set_postfix({k: f"{v / n_images / len(p.multiscale):.3f}" for k, v in sums.items()})
+        per = max(1, n_images * len(p.multiscale))
+        total = data_time + compute_time
+        return {
+            **{f"train_{k}": v / per for k, v in sums.items()},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": n_images * self.world.size / total if total else 0.0,
+            "data_wait_share": data_time / total if total else 0.0,
+        }
+
+    def run(self) -> TrainResult:
+        p = self.job.train
+        if self.job.resume:
+            self.load_last()
+        bad_epochs = sum(1 for h in self.history if h["epoch"] > self.best_epoch + 1)
+        for epoch in range(self.start_epoch, p.epochs):
+            started = time.perf_counter()
+            metrics = self.train_epoch(epoch)
+            self.scheduler.step()
+            if self.world.is_main:
+                metrics["val_meanDic"] = validate(self.model, self.val_data, self.device, p.batch_size)
+                metrics["epoch_seconds"] = time.perf_counter() - started
+            metrics = broadcast(self.world, metrics)
+            improved = metrics["val_meanDic"] > self.best
+            if improved:
+                self.best, self.best_epoch, bad_epochs = metrics["val_meanDic"], epoch, 0
+            else:
+                bad_epochs += 1
+            self.history.append({"epoch": epoch + 1, **metrics})
+            if self.world.is_main:
+                if improved:
+                    save_model(self.out_dir / BEST, self.model, arch=self.job.arch, image_size=p.image_size,
+                               info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.distill.method})
+                self.save_last(epoch)
+                log.info("%s epoch %d/%d: loss %.4f, val meanDic %.4f%s", self.job.role, epoch + 1, p.epochs,
+                         metrics["train_loss"], metrics["val_meanDic"], " (best)" if improved else "")
+                if self.job.on_epoch is not None:
+                    self.job.on_epoch(metrics, epoch + 1)
+            barrier(self.world)
+            if bad_epochs >= p.patience:
+                log.info("early stop: no better val meanDic for %d epochs", bad_epochs)
+                break
+        if self.world.is_main:
+            self._write_reports()
+        barrier(self.world)
+        shutdown(self.world)
+        return TrainResult(self.out_dir / BEST, self.best_epoch + 1, self.best, len(self.history), self.history)
+
+    def _write_reports(self) -> None:
+        """history.csv (DVC plots) and metrics.json (DVC metrics) beside the model."""
+        with atomic_path(self.out_dir / "history.csv") as tmp:
+            pd.DataFrame(self.history).to_csv(tmp, index=False)
+        summary = {"best_epoch": self.best_epoch + 1, "best_val_meanDic": self.best, "epochs_run": len(self.history)}
+        write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
+
+
+def train(job: TrainJob) -> TrainResult:
+    return Trainer(job).run()

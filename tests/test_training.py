@@ -1,0 +1,163 @@
+"""The training engine: learning, resume after SIGKILL, frozen teacher, distillation methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdas.checkpoint import load_model, save_model
+from kdas.config import DistillParams, SplitParams, SynthParams, TrainParams
+from kdas.data.dataset import PolypDataset
+from kdas.data.manifest import build_manifest
+from kdas.data.synth import write_synth
+from kdas.losses import distillation_loss
+from kdas.models import create_model
+from kdas.training import TrainJob, train
+from kdas.training.engine import scaled_size
+
+TINY = TrainParams(profile="cpu", image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=1e-4, grad_clip=0.5,
+                   multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, amp=True)
+NONE = DistillParams(method="none", alpha=0.3, tau=2.0, pool_stride=8)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synth(root / "raw" / "synth", SynthParams(n_images=16, size=64, empty_fraction=0.0, seed=0))
+    return build_manifest(root / "raw", ["synth"], SplitParams(val_fraction=0.25, test_fraction=0.2, seed=0), workers=1)
+
+
+def job(manifest, out, **kw):
+    return TrainJob(**{"role": "student", "arch": "polyp_pvt_tiny", "manifest": manifest, "out_dir": out, "train": TINY, "distill": NONE, **kw})
+
+
+def test_multiscale_sizes_round_to_the_stride():
+    assert [scaled_size(352, s) for s in (0.75, 1.0, 1.25)] == [256, 352, 448]
+    assert scaled_size(64, 0.25) == 32
+
+
+def test_a_student_overfits_four_synthetic_images(manifest):
+    torch.manual_seed(0)
+    rows = manifest[manifest["foreground_fraction"] > 0.02].head(4)
+    data = PolypDataset(rows, size=64, augment=False, workers=1)
+    images = torch.stack([data[i][0] for i in range(4)])
+    masks = torch.stack([data[i][1] for i in range(4)])
+    model = create_model("polyp_pvt_b0")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(120):
+        loss = distillation_loss("none", model(images), None, masks, alpha=0.3, tau=2.0, pool_stride=8)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        p1, p2 = model(images)
+    pred = torch.sigmoid(p1 + p2) > 0.5
+    dice = (2 * (pred & (masks > 0.5)).sum((1, 2, 3)) / (pred.sum((1, 2, 3)) + (masks > 0.5).sum((1, 2, 3)))).mean()
+    assert dice > 0.9, f"Dice {dice:.3f} after 120 steps"
+
+
+def test_training_writes_best_model_history_and_metrics(manifest, tmp_path):
+    seen = []
+    result = train(job(manifest, tmp_path, on_epoch=lambda m, e: seen.append(e)))
+    assert seen == [1, 2, 3] and result.epochs_run == 3
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.ckpt").exists()
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss,train_structure")
+    best = max(result.history, key=lambda h: h["val_meanDic"])
+    assert result.best_val_dice == best["val_meanDic"] and result.best_epoch == best["epoch"]
+    assert load_model(tmp_path / "best.pt").info["epoch"] == result.best_epoch
+    assert all(0 <= h["data_wait_share"] <= 1 and h["images_per_s"] > 0 for h in result.history)
+
+
+def test_learning_rate_decay_fires(manifest, tmp_path):
+    result = train(job(manifest, tmp_path, train=dataclasses.replace(TINY, decay_epochs=1, epochs=2)))
+    assert [h["lr"] for h in result.history] == pytest.approx([1e-3, 1e-4])
+
+
+def test_early_stopping_and_selection_follow_the_val_score(manifest, tmp_path, monkeypatch):
+    scores = iter([0.5, 0.6, 0.55, 0.58, 0.9])
+    monkeypatch.setattr("kdas.training.engine.validate", lambda *a: next(scores))
+    result = train(job(manifest, tmp_path, train=dataclasses.replace(TINY, epochs=5, patience=2)))
+    assert result.epochs_run == 4 and result.best_epoch == 2 and result.best_val_dice == 0.6
+    assert load_model(tmp_path / "best.pt").info["epoch"] == 2
+
+
+@pytest.mark.parametrize("method", ["sgm", "kdas"])
+def test_distillation_keeps_the_teacher_frozen(manifest, tmp_path, method):
+    teacher_file = save_model(tmp_path / "teacher.pt", create_model("polyp_pvt_tiny"), arch="polyp_pvt_tiny", image_size=64)
+    before = torch.load(teacher_file, weights_only=True)["state_dict"]
+    distill = dataclasses.replace(NONE, method=method)
+    result = train(job(manifest, tmp_path / "out", distill=distill, teacher=teacher_file, train=dataclasses.replace(TINY, epochs=1)))
+    h = result.history[0]
+    assert h["train_sgm"] > 0 and (h["train_attention"] > 0) == (method == "kdas")
+    after = torch.load(teacher_file, weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_distillation_without_a_teacher_is_refused(manifest, tmp_path):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train(job(manifest, tmp_path, distill=dataclasses.replace(NONE, method="kdas")))
+
+
+RUN_SCRIPT = """
+import sys, pandas as pd
+from pathlib import Path
+from kdas.config import TrainParams, DistillParams
+from kdas.training import TrainJob, train
+train(TrainJob(role="student", arch="polyp_pvt_tiny", manifest=pd.read_parquet(sys.argv[1]), out_dir=Path(sys.argv[2]),
+      train=TrainParams(**eval(sys.argv[3])), distill=DistillParams("none", 0.3, 2.0, 8), resume="--resume" in sys.argv))
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(manifest, tmp_path):
+    params = dataclasses.replace(TINY, epochs=8, workers=1)
+    manifest_file = tmp_path / "manifest.parquet"
+    manifest.to_parquet(manifest_file)
+    args = [sys.executable, "-c", RUN_SCRIPT, str(manifest_file)]
+
+    subprocess.run([*args, str(tmp_path / "straight"), repr(dataclasses.asdict(params))], check=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*args, str(killed), repr(dataclasses.asdict(params))])
+    deadline = time.time() + 120
+    while not (killed / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = torch.load(killed / "last.ckpt", weights_only=False)["epoch"] + 1
+    assert done < params.epochs, "the run finished before it could be killed"
+    assert not (killed / "history.csv").exists()
+
+    subprocess.run([*args, str(killed), repr(dataclasses.asdict(params)), "--resume"], check=True)
+    a = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)
+    b = torch.load(killed / "best.pt", weights_only=True)
+    assert a["info"] == b["info"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (tmp_path / "straight" / "history.csv").read_text().count("\n") == (killed / "history.csv").read_text().count("\n")
+
+
+def test_two_process_gloo_run_trains_and_writes_one_checkpoint(manifest, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    manifest_file = tmp_path / "manifest.parquet"
+    manifest.to_parquet(manifest_file)
+    params = dataclasses.replace(TINY, epochs=2, batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(manifest_file), str(tmp_path / "ddp"), repr(dataclasses.asdict(params))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    assert files == ["best.pt", "history.csv", "last.ckpt", "metrics.json"]
+    assert "train_loss" in (tmp_path / "ddp" / "history.csv").read_text()
+    assert load_model(tmp_path / "ddp" / "best.pt").arch == "polyp_pvt_tiny"
