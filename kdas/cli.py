@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import click
 
 from kdas.config import Params, load_params
 
+ROLES = ("teacher", "student")
 RAW = Path("data/raw")
 MANIFEST = Path("data/manifest.parquet")
 REPORTS = Path("reports")
@@ -146,3 +149,227 @@ def validate(ctx: click.Context, manifest: Path, reports: Path, show: int) -> No
                f"(report: {reports / 'validation.html'})")
     if not report.success:
         sys.exit(1)
+
+
+@main.group()
+def train() -> None:
+    """Train the teacher, or distil it into the student."""
+
+
+def _train_options(f):
+    for option in reversed([
+        click.option("--manifest", default=MANIFEST, show_default=True, type=click.Path(path_type=Path)),
+        click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: models/<role>)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, cpu) or a torch device."),
+        click.option("--max-steps", type=int, help="Stop each epoch after this many batches (smoke tests)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _run_training(ctx: click.Context, role: str, arch: str, method: str, out: Path | None, teacher: Path | None, **kw) -> None:
+    import dataclasses
+
+    from kdas import tracking
+    from kdas.data.manifest import read_manifest
+    from kdas.training import TrainJob, train as run_train
+
+    params = params_of(ctx)
+    distill = dataclasses.replace(params.distill, method=method)
+    out = out or Path("models") / role
+    job = TrainJob(role=role, arch=arch, manifest=read_manifest(kw["manifest"]), out_dir=out, train=params.train, distill=distill,
+                   pretrained=params.model.pretrained, teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks and reports
+        run_train(job)
+        return
+    logged = {"role": role, "arch": arch, "teacher": str(teacher or ""), "train": params.train, "distill": distill, "model": params.model}
+    with tracking.stage_run(f"train_{role}", logged) as run:
+        job.on_epoch = tracking.log_metrics
+        result = run_train(job)
+        tracking.log_metrics({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
+        for name in ("history.csv", "metrics.json"):  # the weights go to the registry (kdas register)
+            tracking.log_artifact(out / name, artifact_path=role)
+    click.echo(f"{role} ({arch}, method {method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
+    click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'}")
+    click.echo(f"  MLflow:  run {run.info.run_id} in {tracking.tracking_uri()}")
+
+
+@train.command("teacher")
+@_train_options
+@click.pass_context
+def train_teacher(ctx: click.Context, out: Path | None, **kw) -> None:
+    """Train the teacher (model.teacher, e.g. polyp_pvt_b2) on the ground truth."""
+    _run_training(ctx, "teacher", params_of(ctx).model.teacher, "none", out, None, **kw)
+
+
+@train.command("student")
+@click.option("--teacher", "teacher_ref", default="models/teacher/best.pt", show_default=True,
+              help="The teacher: a model file or an MLflow model URI (models:/kdas-teacher@champion).")
+@click.option("--method", type=click.Choice(["none", "sgm", "kdas"]), help="Override distill.method.")
+@_train_options
+@click.pass_context
+def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out: Path | None, **kw) -> None:
+    """Distil the teacher into the student (model.student) with distill.method.
+
+    none: the student alone on the ground truth; sgm: + symmetrical guiding;
+    kdas: + attention supervision + symmetrical guiding.
+    """
+    from kdas import tracking
+
+    params = params_of(ctx)
+    method = method or params.distill.method
+    teacher = None if method == "none" else tracking.resolve_model_file(teacher_ref)
+    _run_training(ctx, "student", params.model.student, method, out, teacher, **kw)
+
+
+def _role_option(f):
+    return click.option("--role", type=click.Choice(ROLES), default="student", show_default=True, help="Which model.")(f)
+
+
+def _registry_name(ctx: click.Context, role: str) -> str:
+    r = params_of(ctx).register
+    return r.student_name if role == "student" else r.teacher_name
+
+
+@main.command()
+@_role_option
+@click.option("--model", "model_ref", help="Model file or MLflow URI (default: models/<role>/best.pt).")
+@click.option("--manifest", default=MANIFEST, show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Report folder (default: reports/evaluate/<role>).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, cpu) or a torch device.")
+@click.pass_context
+def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Path, out: Path | None, device: str) -> None:
+    """Score a model on every test set by the standard protocol.
+
+    Writes metrics.json (per test set and their mean, with efficiency figures),
+    per_image.csv, curves.csv/.png, datasets.csv/.png and grid.png (worst and best cases).
+    """
+    from kdas import tracking
+    from kdas.data.manifest import read_manifest
+    from kdas.evaluation import evaluate_model
+    from kdas.inference import Segmenter
+
+    params = params_of(ctx)
+    model_ref = model_ref or f"models/{role}/best.pt"
+    out = out or REPORTS / "evaluate" / role
+    with tracking.stage_run(f"evaluate_{role}", {"model": model_ref, "evaluate": params.evaluate}):
+        seg = Segmenter.load(tracking.resolve_model_file(model_ref), device)
+        result = evaluate_model(seg, read_manifest(manifest), out, batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
+        tracking.log_metrics({"test": result["datasets"], "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})
+        tracking.log_artifacts(out, artifact_path=f"evaluate/{role}")
+    table = "\n".join(f"  {d:<20} meanDic {m['meanDic']:.4f}  meanIoU {m['meanIoU']:.4f}  wFm {m['wFm']:.4f}  Sm {m['Sm']:.4f}  MAE {m['mae']:.4f}"
+                      for d, m in result["datasets"].items())
+    e = result["efficiency"]
+    click.echo(f"{role} on the test sets:\n{table}")
+    click.echo(f"  {e['params_m']:.2f}M params, {e['gmacs']:.2f} GMACs at {e['image_size']} px; on {e['device']}: "
+               f"{e['latency_ms']:.1f} ms/image, {e['throughput']:.1f} images/s, peak {e['peak_memory_mb']:.0f} MB")
+    click.echo(f"  reports: {out}/ (metrics.json, per_image.csv, curves.png, datasets.png, grid.png)")
+
+
+@main.command("metrics")
+@click.argument("pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("gt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures here.")
+def metrics_cmd(pred_dir: Path, gt_dir: Path, json_out: Path | None) -> None:
+    """Score saved prediction maps (8-bit PNG, value/255 = probability) against masks.
+
+    Pairs are matched by file name without extension; sizes must match.
+    """
+    from kdas.io import write_text
+    from kdas.metrics import evaluate_folders
+
+    evaluator = evaluate_folders(pred_dir, gt_dir)
+    summary = evaluator.summary()
+    click.echo(f"{len(evaluator)} images")
+    for k, v in summary.items():
+        click.echo(f"  {k:<8} {v:.4f}")
+    if json_out:
+        per_image = evaluator.per_image().set_index("name").to_dict("index")
+        write_text(json_out, json.dumps({"dataset": summary, "per_image": per_image}, indent=1))
+
+
+@main.command()
+@_role_option
+@click.option("--model", "model_file", type=click.Path(dir_okay=False, path_type=Path), help="Default: models/<role>/best.pt.")
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, path_type=Path), help="Default: reports/evaluate/<role>/metrics.json.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Where the version is recorded (default: reports/register/<role>.json).")
+@click.pass_context
+def register(ctx: click.Context, role: str, model_file: Path | None, metrics_file: Path | None, out: Path | None) -> None:
+    """Log the model to MLflow and register it as a new version, alias `challenger`."""
+    from kdas import tracking
+    from kdas.io import write_text
+
+    params = params_of(ctx)
+    model_file = model_file or Path("models") / role / "best.pt"
+    metrics_file = metrics_file or REPORTS / "evaluate" / role / "metrics.json"
+    if not metrics_file.exists():
+        raise FileNotFoundError(f"{metrics_file}: no evaluation; run `kdas evaluate --role {role}` first")
+    tests = {d: m for d, m in json.loads(metrics_file.read_text())["datasets"].items() if d != "mean"}
+    name = _registry_name(ctx, role)
+    with tracking.stage_run(f"register_{role}", {"model": str(model_file), "name": name}):
+        version = tracking.register_model(model_file, name, tests, serving_config={"max_side": params.validation.max_size})
+    out = out or REPORTS / "register" / f"{role}.json"
+    write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri}, indent=2))
+    click.echo(f"registered {version.model_uri} (alias challenger); promote it with `kdas promote --role {role}`")
+
+
+@main.command()
+@_role_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Decision record (default: reports/promotion/<role>.json).")
+@click.pass_context
+def promote(ctx: click.Context, role: str, out: Path | None) -> None:
+    """Move `champion` to the challenger if it passes the gate in params.yaml (register.gate).
+
+    Exits 0 either way; the decision and its evidence are printed, written to --out and
+    tagged on the model version.
+    """
+    from dataclasses import asdict
+
+    from kdas import tracking
+    from kdas.io import write_text
+
+    decision = tracking.promote(_registry_name(ctx, role), params_of(ctx).register.gate)
+    out = out or REPORTS / "promotion" / f"{role}.json"
+    write_text(out, json.dumps(asdict(decision), indent=2))
+    verdict = "promoted" if decision.promoted else "not promoted"
+    click.echo(f"{_registry_name(ctx, role)} version {decision.challenger}: {verdict}: {decision.reason}")
+
+
+@main.command()
+@_role_option
+@click.pass_context
+def rollback(ctx: click.Context, role: str) -> None:
+    """Put `champion` back on the version that held it before."""
+    from kdas import tracking
+
+    name = _registry_name(ctx, role)
+    version = tracking.rollback(name)
+    click.echo(f"{name}: champion is version {version} again")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_ref", default="models:/kdas-student@champion", show_default=True, help="Model file or MLflow URI.")
+@click.option("--out", default=Path("predictions"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def predict(images: tuple[Path, ...], model_ref: str, out: Path, threshold: float, device: str) -> None:
+    """Segment images: writes <stem>_mask.png (0/255) and <stem>_overlay.jpg to --out."""
+    import numpy as np
+    from PIL import Image
+
+    from kdas import tracking
+    from kdas.inference import Segmenter
+    from kdas.io import read_rgb
+
+    seg = Segmenter.load(tracking.resolve_model_file(model_ref), device)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        image = read_rgb(path)
+        mask = seg.predict([image])[0] >= threshold
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{path.stem}_mask.png")
+        overlay = image.copy()
+        overlay[mask] = (0.5 * overlay[mask] + 0.5 * np.array([0, 255, 0])).astype(np.uint8)
+        Image.fromarray(overlay).save(out / f"{path.stem}_overlay.jpg", quality=90)
+        click.echo(f"{path}: polyp covers {mask.mean():.1%} -> {out / (path.stem + '_mask.png')}")

@@ -174,3 +174,32 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if params.distill.method not in ("none", "sgm", "kdas"):
         raise ParamsError(f"{path}: distill.method must be none, sgm or kdas, not '{params.distill.method}'")
     return params
+
+
+def set_params(updates: dict[str, Any], path: str | Path = DEFAULT_PARAMS) -> bool:
+    """Write dotted keys into params.yaml in place, keeping its comments (what `dvc exp run
+    -S` does); returns whether anything changed. The result must still load."""
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    yml = YAML()
+    yml.preserve_quotes = True
+    doc = yml.load(path.read_text())
+    changed = False
+    for dotted, value in updates.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise ParamsError(f"{path}: unknown key '{dotted}'")
+        if node[leaf] != value:
+            node[leaf] = value
+            changed = True
+    if changed:
+        from kdas.io import atomic_path
+
+        with atomic_path(path) as tmp, tmp.open("w") as fh:
+            yml.dump(doc, fh)
+        load_params(path)
+    return changed

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +69,91 @@ def tool_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+# --------------------------------------------------------------------------- MLflow stores and servers
+# (mlflow is imported inside the fixtures: most tests never pay for it)
+
+# no telemetry, and never a proxy between a test and its local server
+MLFLOW_QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated sqlite store: migrations take ~5 s, so once per session; copy it."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(path.parent)  # a fresh store may create ./mlruns for its Default experiment
+            MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template_db: Path) -> Iterator[Path]:
+    """tmp_path as the project (the cwd) with its own MLflow store: a copy of the migrated
+    template in mlflow/mlflow.db, MLFLOW_TRACKING_URI on it (subprocesses inherit it), no
+    kdas parent run or experiment from the environment, kdas's model cache in tmp_path/.cache.
+    Yields the project folder. Combines with `workdir` (the same tmp_path)."""
+    import mlflow
+
+    from kdas import tracking
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir(exist_ok=True)
+    shutil.copy(mlflow_template_db, db)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    for key, value in MLFLOW_QUIET.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
+    yield tmp_path
+    while mlflow.active_run():  # never leak a run into the next test
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # forget this store (kdas.tracking sets the global URI)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll `url` until it answers 200; fail early, with `log`'s tail, if `proc` exits."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with opener.open(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session (``start_new_session=True``), workers included."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)  # anyone of the group left?
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)

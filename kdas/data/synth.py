@@ -68,10 +68,12 @@ def synth_frame(seed: int, index: int, size: int, empty_fraction: float) -> tupl
     for _ in range(n_polyps):
         blob, light = _blob(rng, size)
         tint = np.array([1.06, 0.92, 0.95], np.float32) * rng.uniform(0.95, 1.1)
-        shaded = img * tint * (0.75 + 0.5 * light[..., None])
+        # a polyp's surface is smoother than the wall around it and lit from one side
+        smooth = cv2.GaussianBlur(img, (0, 0), sigmaX=size * 0.03)
+        shaded = smooth * tint * (0.65 + 0.7 * light[..., None])
         img = np.where(blob[..., None], shaded, img)
-        edge = cv2.morphologyEx(blob.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool)
-        img[edge] *= 0.8  # a soft darker rim where the polyp rises from the wall
+        rim = cv2.morphologyEx(blob.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool)
+        img[rim] *= 0.7  # a darker rim where the polyp rises from the wall
         mask |= blob
     # specular highlights on mucosa and polyps alike
     for _ in range(rng.integers(3, 9)):

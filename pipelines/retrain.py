@@ -1,0 +1,216 @@
+"""The `retrain` Prefect flow: the DVC stages of dvc.yaml, one task each, plus what DVC
+lacks: retries on registry calls, a stop at a broken data contract with its report as an
+artifact, the promotion gate, a run summary, one run at a time per workspace.
+
+Run it once (an ephemeral Prefect server starts by itself):
+
+    python -m pipelines.retrain                      # params.yaml as it is
+    python -m pipelines.retrain --profile paper --datasets kvasir-seg cvc-clinicdb cvc-colondb
+
+Stages are never defined here: each task runs `dvc repro --single-item <stage>`, so DVC
+keeps its cache and lineage and skips a stage whose inputs did not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from kdas import tracking
+from kdas.config import load_params, set_params
+
+LOCK = Path(".dvc/tmp/kdas-retrain.lock")
+
+
+class WorkspaceBusy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path) -> Iterator[None]:
+    """One flow run per workspace: a second one is refused at once (instead of failing
+    half-way on DVC's own lock)."""
+    path = workspace / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise WorkspaceBusy(f"another retrain flow is running in {workspace.resolve()} ({fh.read().strip()}); "
+                                "wait for it to finish, or run in another clone") from None
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _env() -> dict[str, str]:
+    """kdas and dvc from this interpreter's environment, whatever PATH says."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _lock_entry(workspace: Path, stage: str) -> dict | None:
+    lock = workspace / "dvc.lock"
+    if not lock.exists():
+        return None
+    stages = yaml.safe_load(lock.read_text()).get("stages", {})
+    name, _, item = stage.partition("@")
+    entry = stages.get(name)
+    return entry.get(item) if item and isinstance(entry, dict) and item in entry else entry
+
+
+def _run(cmd: list[str], workspace: Path) -> None:
+    logger = get_run_logger()
+    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        line = line.rstrip()
+        if line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
+            logger.info(line)
+            tail = (tail + [line])[-15:]
+    if proc.wait() != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(stage: str, workspace: Path) -> bool:
+    """`dvc repro --single-item STAGE`; True if it ran, False if DVC found it up to date."""
+    before = _lock_entry(workspace, stage)
+    _run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], workspace)
+    ran = _lock_entry(workspace, stage) != before
+    get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date, skipped")
+    return ran
+
+
+@task(name="register", task_run_name="register@{role}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def register(role: str, workspace: Path) -> bool:
+    return run_stage.fn(f"register@{role}", workspace)
+
+
+@task(name="promote", task_run_name="promote@{role}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def promote(role: str, workspace: Path) -> dict:
+    _run([sys.executable, "-m", "kdas", "promote", "--role", role], workspace)
+    return json.loads((workspace / "reports" / "promotion" / f"{role}.json").read_text())
+
+
+@task(name="reuse teacher", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def reuse_teacher(workspace: Path, uri: str) -> None:
+    """Put the registered teacher where the distill stage reads it."""
+    with contextlib.chdir(workspace):
+        source = tracking.resolve_model_file(uri)
+        target = Path("models/teacher/best.pt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    get_run_logger().info("teacher: %s -> %s", uri, target)
+
+
+def _publish_validation(workspace: Path) -> dict | None:
+    path = workspace / "reports" / "validation.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    rows = [f"| {f['severity']} | {f['rule']} | `{f['file']}` | {f['detail']} |" for f in report["findings"] if f["severity"] == "error"][:50]
+    create_markdown_artifact(
+        key="data-contract",
+        markdown=f"# Data contract {'passed' if report['success'] else 'FAILED'}\n\n{report['n_pairs']} pairs, "
+                 f"{report['n_errors']} errors, {report['n_warnings']} warnings.\n\n"
+                 + ("| severity | rule | file | detail |\n|---|---|---|---|\n" + "\n".join(rows) if rows else ""),
+        description="kdas validate: the data contract",
+    )
+    return report
+
+
+def _summary(workspace: Path, decisions: dict[str, dict], skipped: list[str]) -> str:
+    params = load_params(workspace / "params.yaml")
+    manifest = (_lock_entry(workspace, "manifest") or {}).get("outs", [{}])[0].get("md5", "?")
+    lines = [f"# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
+             f"- profile: `{params.train.profile}`, distillation: `{params.distill.method}`",
+             f"- up to date, skipped: {', '.join(skipped) or 'none'}\n"]
+    for role, decision in decisions.items():
+        metrics = json.loads((workspace / "reports" / "evaluate" / role / "metrics.json").read_text())["datasets"]
+        lines += [f"## {role}: {'promoted to champion' if decision['promoted'] else 'not promoted'}\n", f"{decision['reason']}\n",
+                  "| test set | meanDic | meanIoU | wFm | Sm | MAE |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d} | {m['meanDic']:.4f} | {m['meanIoU']:.4f} | {m['wFm']:.4f} | {m['Sm']:.4f} | {m['mae']:.4f} |" for d, m in metrics.items()]
+        champion = decision.get("champion_score")
+        lines.append(f"\nchallenger score {decision['challenger_score']}, champion before: "
+                     f"{'version ' + str(decision['champion_before']) + ', score ' + str(champion) if decision['champion_before'] else 'none'}\n")
+    return "\n".join(lines)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str] | None = None, retrain_teacher: bool = True,
+            teacher_uri: str = "models:/kdas-teacher@champion") -> dict:
+    """Validate the data, train (or reuse) the teacher, distil the student, evaluate, register,
+    and promote what passes the gate.
+
+    profile: train.profile to use (cpu, paper); datasets: data.datasets; both are written
+    to params.yaml, as `dvc exp run -S` would. retrain_teacher=False distils from the
+    registered teacher_uri instead of training a teacher.
+    """
+    root = Path(workspace).resolve()
+    updates = {k: v for k, v in {"train.profile": profile, "data.datasets": datasets}.items() if v is not None}
+    with workspace_lock(root), contextlib.chdir(root):
+        if updates and set_params(updates, root / "params.yaml"):
+            get_run_logger().info("params.yaml updated: %s", updates)
+        params = load_params(root / "params.yaml")
+        with tracking.pipeline_run("retrain", {"profile": params.train.profile, "datasets": params.data.datasets,
+                                               "retrain_teacher": retrain_teacher}):
+            stages = (["synth"] if "synth" in params.data.datasets else []) + ["manifest"]
+            ran = {s: run_stage(s, root) for s in stages}
+            try:
+                ran["validate"] = run_stage("validate", root)
+            finally:
+                _publish_validation(root)
+            roles = ["teacher", "student"] if retrain_teacher else ["student"]
+            if retrain_teacher:
+                ran["train_teacher"] = run_stage("train_teacher", root)
+            else:
+                reuse_teacher(root, teacher_uri)
+            ran["distill"] = run_stage("distill", root)
+            for role in roles:
+                ran[f"evaluate@{role}"] = run_stage(f"evaluate@{role}", root)
+                ran[f"register@{role}"] = register(role, root)
+            decisions = {role: promote(role, root) for role in roles}
+        summary = _summary(root, decisions, [s for s, r in ran.items() if not r])
+        create_markdown_artifact(key="retrain-summary", markdown=summary, description="kdas retrain: data, metrics, promotion")
+        print(summary)
+    return {"ran": ran, "decisions": decisions}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=retrain.__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", default=".", help="project folder (default: here)")
+    parser.add_argument("--profile", help="train.profile: cpu (default in params.yaml) or paper")
+    parser.add_argument("--datasets", nargs="+", help="data.datasets, e.g. kvasir-seg cvc-clinicdb cvc-colondb")
+    parser.add_argument("--reuse-teacher", action="store_true", help="distil from the registered teacher instead of training one")
+    parser.add_argument("--teacher-uri", default="models:/kdas-teacher@champion")
+    args = parser.parse_args(argv)
+    retrain(workspace=args.workspace, profile=args.profile, datasets=args.datasets, retrain_teacher=not args.reuse_teacher,
+            teacher_uri=args.teacher_uri)
+    print("\nWhere to look:\n"
+          f"  reports:  {Path(args.workspace, 'reports').resolve()}/ (validation.html, evaluate/*/grid.png ...)\n"
+          "  DVC:      dvc metrics show; dvc plots show (opens dvc_plots/index.html)\n"
+          "  MLflow:   mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db  ->  http://127.0.0.1:5000\n"
+          "  Prefect:  prefect server start  ->  http://127.0.0.1:4200 (flow runs are kept by a running server)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The champion served by `mlflow models serve` (a real subprocess on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from conftest import MLFLOW_QUIET, free_port, stop, wait_for_http
+from kdas import tracking
+from kdas.checkpoint import save_model
+from kdas.config import GateParams
+from kdas.models import create_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+TINY = "polyp_pvt_tiny"
+NAME = "student-served"
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -> Iterator[str]:
+    """A sqlite store whose model NAME has a champion: the tiny model, registered and promoted."""
+    root = tmp_path_factory.mktemp("serving")
+    db = root / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(mlflow_template_db, db)
+    uri = f"sqlite:///{db}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for key, value in MLFLOW_QUIET.items():
+            mp.setenv(key, value)
+        mp.delenv(tracking.PARENT_RUN_ENV, raising=False)
+        mp.delenv(tracking.EXPERIMENT_ENV, raising=False)
+        model_file = save_model(root / "student.pt", create_model(TINY), arch=TINY, image_size=64, info={})
+        tracking.register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, serving_config={"max_side": 1024})
+        assert tracking.promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def endpoint(store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+    ]  # fmt: skip
+    # no PYTHONPATH: the served model runs the kdas code it was logged with
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(MLFLOW_QUIET, MLFLOW_TRACKING_URI=store)
+    # the CLI execs `uvicorn` by name: put this environment's scripts first, as activating it would
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    log = root / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/ping", proc, log, timeout=180)
+        yield url
+    finally:
+        stop(proc)
+
+
+def invoke(url: str, columns: list[str], rows: list[list]) -> tuple[int, dict]:
+    body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def encoded(width: int, height: int, fmt: str = "PNG", mode: str = "RGB") -> str:
+    rng = np.random.default_rng(width * height)
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_masks_come_back_at_each_image_size(endpoint: str) -> None:
+    status, body = invoke(endpoint, ["image"], [[encoded(70, 50)], [encoded(40, 30, "JPEG", "L")]])
+    assert status == 200, body
+    predictions = body["predictions"]
+    assert len(predictions) == 2
+    for pred, size in zip(predictions, [(70, 50), (40, 30)]):
+        with Image.open(io.BytesIO(base64.b64decode(pred["mask"]))) as mask:
+            assert mask.format == "PNG" and mask.size == size
+            values = set(np.unique(np.asarray(mask)).tolist())
+        assert values <= {0, 255}
+        assert pred["foreground_fraction"] == pytest.approx(float(np.mean(tracking.decode_mask(pred["mask"]))))
+
+
+_TRUNCATED_PNG = base64.b64encode(base64.b64decode(encoded(64, 64))[:100]).decode()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (base64.b64encode(b"this is no image").decode(), "row 1: not a decodable PNG or JPEG image"),
+        (_TRUNCATED_PNG, "row 1: not a decodable PNG or JPEG image"),  # header fine, pixels not
+        ("%%% not base64 %%%", "row 1: 'image' is not valid base64"),
+        (encoded(1025, 2), "row 1: image too large: 1025x2 px (at most 1024 px a side"),  # the logged limit
+        (encoded(8, 8, "GIF", "L"), "row 1: not a decodable PNG or JPEG image"),
+    ],
+    ids=["not-an-image", "truncated", "not-base64", "too-large", "gif"],
+)
+def test_bad_image_is_a_400_naming_the_row(endpoint: str, value: str, message: str) -> None:
+    status, body = invoke(endpoint, ["image"], [[encoded(32, 32)], [value]])
+    assert status == 400
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert message in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("columns", "rows", "message"),
+    [
+        (["image"], [[12345]], "row 0: 'image' must be a base64-encoded PNG or JPEG string, got int"),
+        (["picture"], [[encoded(8, 8)]], "missing inputs ['image']"),
+    ],
+    ids=["int", "no-image-column"],
+)
+def test_wrong_type_or_column_is_a_4xx(endpoint: str, columns: list[str], rows: list[list], message: str) -> None:
+    status, body = invoke(endpoint, columns, rows)
+    assert 400 <= status < 500
+    assert message in body["message"]
+
+
+def test_pyfunc_in_process(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)  # an earlier set_tracking_uri would win over the variable
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    assert model.metadata.get_input_schema().input_names() == ["image"]
+    out = model.predict(pd.DataFrame({"image": ["data:image/png;base64," + encoded(20, 10), encoded(9, 9, "JPEG")]}))
+    assert list(out.columns) == ["mask", "foreground_fraction"]
+    assert tracking.decode_mask(out["mask"][0]).shape == (10, 20)
+    assert model.predict(pd.DataFrame({"image": pd.Series([], dtype=str)})).empty
+    raw = model.unwrap_python_model()  # bypasses MLflow's schema check: our own checks answer
+    with pytest.raises(MlflowException, match="row 0: 'image' must be a base64-encoded .* got NoneType") as err:
+        raw.predict(None, pd.DataFrame({"image": [None]}))
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match="expected a column 'image'"):
+        raw.predict(None, pd.DataFrame({"img": ["x"]}))
