@@ -71,10 +71,7 @@ def _lock_entry(workspace: Path, stage: str) -> dict | None:
     lock = workspace / "dvc.lock"
     if not lock.exists():
         return None
-    stages = yaml.safe_load(lock.read_text()).get("stages", {})
-    name, _, item = stage.partition("@")
-    entry = stages.get(name)
-    return entry.get(item) if item and isinstance(entry, dict) and item in entry else entry
+    return yaml.safe_load(lock.read_text()).get("stages", {}).get(stage)  # foreach items are keyed "stage@item"
 
 
 def _run(cmd: list[str], workspace: Path) -> None:
@@ -94,7 +91,7 @@ def _run(cmd: list[str], workspace: Path) -> None:
 def run_stage(stage: str, workspace: Path) -> bool:
     """`dvc repro --single-item STAGE`; True if it ran, False if DVC found it up to date."""
     before = _lock_entry(workspace, stage)
-    _run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], workspace)
+    _run([sys.executable, "-m", "dvc", "repro", "--quiet", "--single-item", stage], workspace)
     ran = _lock_entry(workspace, stage) != before
     get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date, skipped")
     return ran

@@ -101,8 +101,8 @@ def test_attention_is_zero_when_student_equals_teacher(maps):
 
 def test_attention_is_kl_of_row_softmaxes_times_tau_squared(maps):
     student, teacher, _ = maps
-    s = F.avg_pool2d(student, STRIDE).flatten(1)
-    t = F.avg_pool2d(teacher, STRIDE).flatten(1)
+    s = torch.tanh(F.avg_pool2d(student, STRIDE).flatten(1) / 2)  # signed confidences
+    t = torch.tanh(F.avg_pool2d(teacher, STRIDE).flatten(1) / 2)
     q = torch.softmax(s[:, :, None] * s[:, None, :] / TAU, dim=-1)
     p = torch.softmax(t[:, :, None] * t[:, None, :] / TAU, dim=-1)
     kl = (p * (p.log() - q.log())).sum(-1).mean()
@@ -148,13 +148,15 @@ def test_sgm_is_zero_when_student_equals_teacher(maps):
 
 def test_sgm_compares_symmetric_embeddings(maps):
     student, teacher, _ = maps
-    s = F.avg_pool2d(student, STRIDE)
-    t = F.avg_pool2d(teacher, STRIDE)
+    s = F.avg_pool2d(torch.sigmoid(student), STRIDE)
+    t = F.avg_pool2d(torch.sigmoid(teacher), STRIDE)
     expected = F.mse_loss(s + s.transpose(-1, -2), t + t.transpose(-1, -2))
     assert symmetric_guiding(student, teacher, STRIDE).item() == pytest.approx(expected.item(), rel=1e-5)
-    # an antisymmetric difference is invisible to P + P^T
-    skew = torch.randn(1, 1, 8, 8)
-    assert symmetric_guiding(teacher[:1, :, :8, :8] + skew - skew.transpose(-1, -2), teacher[:1, :, :8, :8], 1).item() < 1e-10
+    # an antisymmetric difference of the probability maps is invisible to P + P^T
+    prob = 0.4 + 0.2 * torch.rand(1, 1, 8, 8, dtype=torch.float64)
+    skew = 0.05 * torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    shifted = prob + skew - skew.transpose(-1, -2)
+    assert symmetric_guiding(torch.logit(shifted), torch.logit(prob), 1).item() < 1e-10
 
 
 def test_sgm_gradient_and_non_square_error(maps):
