@@ -28,6 +28,9 @@ _DVC_HOME = Path(tempfile.mkdtemp(prefix="kdas-tests-dvc-"))
 for var in ("DVC_SITE_CACHE_DIR", "DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR"):
     os.environ[var] = str(_DVC_HOME / var.lower())
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# Prefect: a private home (cached results would otherwise leak between runs), no telemetry
+os.environ["PREFECT_HOME"] = str(_DVC_HOME / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
 def write_pair(images: Path, masks: Path, stem: str, *, size=(96, 80), img_ext=".png", mask_ext=".png", seed=0, fg=True, mode="RGB") -> tuple[Path, Path]:

@@ -1,0 +1,164 @@
+"""The retrain flow end to end: a Prefect test server, a temporary git + DVC repository,
+a temporary MLflow store, the tiny profile on synthetic data."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import MLFLOW_QUIET, ROOT, make_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    ("data", "synth"): {"n_images": 24, "size": 64, "empty_fraction": 0.1, "seed": 0},
+    ("model", "teacher"): "polyp_pvt_tiny",
+    ("model", "student"): "polyp_pvt_tiny",
+    ("train", "image_size"): 64,
+    ("train", "epochs"): 2,
+    ("train", "workers"): 0,
+    ("evaluate", "grid_size"): 2,
+    ("register", "gate", "floor"): 0.0,
+}
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mlflow_template_db, prefect_server, tool_env_module):
+    """A git + DVC repository holding the project's DAG, code and tiny params."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, root / name)
+    shutil.copytree(ROOT / "kdas", root / "kdas", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps hash it
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for path, value in TINY.items():
+        _set(params, path, value)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "mlflow").mkdir()
+    shutil.copy(mlflow_template_db, root / "mlflow" / "mlflow.db")
+    (root / ".gitignore").write_text("/mlflow/\n/models/\n/reports/\n/data/manifest.parquet\n")
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, env=tool_env_module, capture_output=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+        mp.setenv("XDG_CACHE_HOME", str(root / ".cache"))
+        for key, value in MLFLOW_QUIET.items():
+            mp.setenv(key, value)
+        yield root
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def tool_env_module():
+    import os
+    import sys
+
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def registry_state(name: str) -> tuple[list[str], dict[str, str]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    versions = sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} if versions else {}
+    return versions, aliases
+
+
+def test_first_run_trains_evaluates_registers_and_gates(project):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.retrain import retrain
+
+    result = retrain(workspace=str(project))
+    assert all(result["ran"].values()), result["ran"]
+    for role, name in (("teacher", "kdas-teacher"), ("student", "kdas-student")):
+        decision = result["decisions"][role]
+        versions, aliases = registry_state(name)
+        assert versions == ["1"]
+        expected = {"challenger": "1", "champion": "1"} if decision["promoted"] else {"challenger": "1"}
+        assert aliases == expected
+
+    reports = project / "reports" / "evaluate" / "student"
+    for name in ("metrics.json", "per_image.csv", "curves.csv", "curves.png", "datasets.png", "grid.png"):
+        assert (reports / name).stat().st_size > 0, name
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert set(metrics["datasets"]) == {"synth", "mean"} and 0 <= metrics["datasets"]["synth"]["meanDic"] <= 1
+
+    # every stage is an MLflow run nested under the flow's parent run, with lineage
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("kdas").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    parent = by_name["retrain"]
+    for stage in ("train_teacher", "train_student", "evaluate_student", "register_student"):
+        assert by_name[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
+        assert by_name[stage].data.tags["mlflow.source.git.commit"] != "unknown"
+    evaluate = by_name["evaluate_student"]
+    assert "test/synth/meanDic" in evaluate.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate/student")}
+    assert {"evaluate/student/grid.png", "evaluate/student/metrics.json"} <= artifacts
+    assert "val_meanDic" in client.get_metric_history(by_name["train_student"].info.run_id, "val_meanDic")[0].key
+
+
+def test_second_run_with_nothing_changed_skips_the_training_stages(project):
+    from pipelines.retrain import retrain
+
+    before = registry_state("kdas-student")
+    result = retrain(workspace=str(project))
+    for stage in ("train_teacher", "distill", "evaluate@student", "register@student"):
+        assert result["ran"][stage] is False, stage
+    assert registry_state("kdas-student") == before
+
+
+def test_a_second_flow_in_the_same_workspace_is_refused(project):
+    from pipelines.retrain import LOCK, WorkspaceBusy, retrain
+
+    with (project / LOCK).open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(WorkspaceBusy, match="another retrain flow is running"):
+            retrain(workspace=str(project))
+
+
+def test_broken_data_contract_stops_before_training_and_leaves_the_registry(project):
+    from pipelines.retrain import retrain
+
+    bad = make_dataset(project / "data" / "raw" / "bad", n=6)
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(bad / "masks" / "img03.png")  # size mismatch
+    teacher_before = (project / "models" / "teacher" / "best.pt").read_bytes()
+    registry_before = registry_state("kdas-student"), registry_state("kdas-teacher")
+
+    with pytest.raises(Exception, match="validate"):
+        retrain(workspace=str(project), datasets=["synth", "bad"])
+
+    report = json.loads((project / "reports" / "validation.json").read_text())
+    assert not report["success"]
+    assert any(f["rule"] == "mask_size" and f["file"].endswith("img03.png") for f in report["findings"])
+    assert (registry_state("kdas-student"), registry_state("kdas-teacher")) == registry_before
+    assert (project / "models" / "teacher" / "best.pt").read_bytes() == teacher_before
