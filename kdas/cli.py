@@ -24,6 +24,8 @@ class KdasGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException):  # --help, usage errors: click's own
+            raise
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

@@ -146,6 +146,24 @@ def test_a_second_flow_in_the_same_workspace_is_refused(project):
             retrain(workspace=str(project))
 
 
+def test_a_distillation_param_reruns_distill_evaluate_and_register_only(project, tool_env_module):
+    import os
+
+    env = {**tool_env_module, **{k: v for k, v in os.environ.items() if k.startswith(("MLFLOW", "XDG"))}}
+    dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)  # noqa: E731
+    assert "Data and pipelines are up to date" in dvc("status").stdout
+    exp = dvc("exp", "run", "-S", "distill.alpha=0.5")
+    assert exp.returncode == 0, exp.stderr[-2000:]
+    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"distill", "evaluate@student", "register@student"}
+    diff = dvc("metrics", "diff")
+    assert diff.returncode == 0 and "reports/evaluate/student/metrics.json" in diff.stdout
+    plots = dvc("plots", "diff", "-o", "plots-diff")
+    assert plots.returncode == 0 and (project / "plots-diff" / "index.html").exists()
+    assert registry_state("kdas-student")[0] == ["1", "2"]  # the experiment's student, as challenger
+    assert registry_state("kdas-student")[1]["challenger"] == "2"
+
+
 def test_broken_data_contract_stops_before_training_and_leaves_the_registry(project):
     from pipelines.retrain import retrain
 
