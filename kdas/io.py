@@ -89,7 +89,10 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image as HxWx3 uint8: grayscale is replicated, alpha dropped, 16 bit scaled."""
-    im = open_image(path)
+    return to_rgb(open_image(path))
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr"):
         return np.asarray(im.convert("RGB"))
     arr = to_uint8(np.asarray(im))  # 16-bit modes ("I;16", "I") that PIL cannot convert to RGB

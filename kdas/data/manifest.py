@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from kdas.config import SplitParams
 from kdas.data.splits import assign_splits
-from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, open_image, read_mask, to_uint8
+from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, open_image, read_mask, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,7 @@ def _describe_image(path: str) -> dict:
     data = Path(path).read_bytes()
     im = open_image(path)
     row = {"mode": im.mode, "width": im.width, "height": im.height, "image_sha256": hashlib.sha256(data).hexdigest()}
-    if im.mode in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr"):
-        rgb = np.asarray(im.convert("RGB"))
-    else:  # 16-bit modes PIL cannot convert to RGB
-        rgb = to_uint8(np.asarray(im))
-        rgb = np.repeat(rgb[..., None], 3, 2) if rgb.ndim == 2 else rgb[..., :3]
+    rgb = to_rgb(im)
     row["channels"] = rgb.shape[2]
     row["mean_r"], row["mean_g"], row["mean_b"] = (float(v) for v in rgb.reshape(-1, 3).mean(0))
     row["phash"] = f"{phash(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)):016x}"
