@@ -61,6 +61,7 @@ def project(tmp_path_factory, mlflow_template_db, prefect_server, tool_env_modul
     run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, env=tool_env_module, capture_output=True)  # noqa: E731
     run("git", "init", "-q")
     run("dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the default remote: ../kdas-dvc-remote
     run("git", "add", "-A")
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
     with pytest.MonkeyPatch.context() as mp:
@@ -135,6 +136,20 @@ def test_second_run_with_nothing_changed_skips_the_training_stages(project):
     for stage in ("train_teacher", "distill", "evaluate@student", "register@student"):
         assert result["ran"][stage] is False, stage
     assert registry_state("kdas-student") == before
+
+
+def test_results_push_to_the_default_remote_and_come_back(project, tool_env_module):
+    dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=tool_env_module, capture_output=True, text=True)  # noqa: E731
+    push = dvc("push")
+    assert push.returncode == 0, push.stderr
+    assert any((project.parent / "kdas-dvc-remote").rglob("*"))
+    student = project / "models" / "student" / "best.pt"
+    content = student.read_bytes()
+    shutil.rmtree(project / ".dvc" / "cache")
+    student.unlink()
+    pull = dvc("pull")
+    assert pull.returncode == 0, pull.stderr
+    assert student.read_bytes() == content
 
 
 def test_a_second_flow_in_the_same_workspace_is_refused(project):
