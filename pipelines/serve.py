@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prefect.schedules import Cron
+
 from pipelines.retrain import retrain
 
-DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00: weekly retraining
+DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00 UTC: weekly retraining
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cron", default=DEFAULT_CRON, help=f"schedule (default: {DEFAULT_CRON!r})")
     parser.add_argument("--workspace", default=".", help="project folder the flow runs in")
     args = parser.parse_args(argv)
-    retrain.serve(name=args.name, cron=args.cron, parameters={"workspace": str(Path(args.workspace).resolve())},
+    retrain.serve(name=args.name, schedule=Cron(args.cron, timezone="UTC"), parameters={"workspace": str(Path(args.workspace).resolve())},
                   description="Retrain, distil, evaluate and gate-promote kdas models on a schedule")
 
 
