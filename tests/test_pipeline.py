@@ -138,6 +138,17 @@ def test_second_run_with_nothing_changed_skips_the_training_stages(project):
     assert registry_state("kdas-student") == before
 
 
+def test_reusing_the_registered_teacher_skips_teacher_training(project):
+    from kdas import tracking
+    from pipelines.retrain import retrain
+
+    result = retrain(workspace=str(project), retrain_teacher=False)
+    assert "train_teacher" not in result["ran"] and set(result["decisions"]) == {"student"}
+    champion = tracking.resolve_model_file("models:/kdas-teacher@champion")
+    assert (project / "models" / "teacher" / "best.pt").read_bytes() == champion.read_bytes()
+    assert result["ran"]["distill"] is False  # the same teacher: nothing to distil again
+
+
 def test_results_push_to_the_default_remote_and_come_back(project, tool_env_module):
     dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=tool_env_module, capture_output=True, text=True)  # noqa: E731
     push = dvc("push")
