@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -178,6 +179,11 @@ def _run_training(ctx: click.Context, role: str, arch: str, method: str, out: Pa
     from kdas.training import TrainJob, train as run_train
 
     params = params_of(ctx)
+    if params.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        # the same command, data-parallel: torchrun starts one copy per process (NCCL on GPUs, gloo on CPU)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.train.nproc_per_node}",
+                  "-m", "kdas", *sys.argv[1:]]
+        sys.exit(subprocess.call(launch))
     distill = dataclasses.replace(params.distill, method=method)
     out = out or Path("models") / role
     job = TrainJob(role=role, arch=arch, manifest=read_manifest(kw["manifest"]), out_dir=out, train=params.train, distill=distill,

@@ -69,6 +69,7 @@ class TrainParams:
     patience: int
     seed: int
     workers: int
+    nproc_per_node: int
     amp: bool
 
 

@@ -154,16 +154,18 @@ def _summary(workspace: Path, decisions: dict[str, dict], skipped: list[str]) ->
 
 @flow(name="retrain", log_prints=True)
 def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str] | None = None, retrain_teacher: bool = True,
-            teacher_uri: str = "models:/kdas-teacher@champion") -> dict:
+            teacher_uri: str = "models:/kdas-teacher@champion", nproc_per_node: int | None = None) -> dict:
     """Validate the data, train (or reuse) the teacher, distil the student, evaluate, register,
     and promote what passes the gate.
 
-    profile: train.profile to use (cpu, paper); datasets: data.datasets; both are written
-    to params.yaml, as `dvc exp run -S` would. retrain_teacher=False distils from the
-    registered teacher_uri instead of training a teacher.
+    profile: train.profile to use (cpu, paper); datasets: data.datasets; nproc_per_node:
+    train.nproc_per_node (> 1 trains under torchrun, e.g. one process per GPU); each is
+    written to params.yaml, as `dvc exp run -S` would. retrain_teacher=False distils from
+    the registered teacher_uri instead of training a teacher.
     """
     root = Path(workspace).resolve()
-    updates = {k: v for k, v in {"train.profile": profile, "data.datasets": datasets}.items() if v is not None}
+    updates = {"train.profile": profile, "data.datasets": datasets, "train.nproc_per_node": nproc_per_node}
+    updates = {k: v for k, v in updates.items() if v is not None}
     with workspace_lock(root), contextlib.chdir(root):
         if updates and set_params(updates, root / "params.yaml"):
             get_run_logger().info("params.yaml updated: %s", updates)
@@ -197,11 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workspace", default=".", help="project folder (default: here)")
     parser.add_argument("--profile", help="train.profile: cpu (default in params.yaml) or paper")
     parser.add_argument("--datasets", nargs="+", help="data.datasets, e.g. kvasir-seg cvc-clinicdb cvc-colondb")
+    parser.add_argument("--nproc-per-node", type=int, help="train.nproc_per_node: train data-parallel under torchrun")
     parser.add_argument("--reuse-teacher", action="store_true", help="distil from the registered teacher instead of training one")
     parser.add_argument("--teacher-uri", default="models:/kdas-teacher@champion")
     args = parser.parse_args(argv)
     retrain(workspace=args.workspace, profile=args.profile, datasets=args.datasets, retrain_teacher=not args.reuse_teacher,
-            teacher_uri=args.teacher_uri)
+            teacher_uri=args.teacher_uri, nproc_per_node=args.nproc_per_node)
     print("\nWhere to look:\n"
           f"  reports:  {Path(args.workspace, 'reports').resolve()}/ (validation.html, evaluate/*/grid.png ...)\n"
           "  DVC:      dvc metrics show; dvc plots show (opens dvc_plots/index.html)\n"

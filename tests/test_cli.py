@@ -78,3 +78,19 @@ def test_bad_params_say_what_is_wrong(project):
     (project / "params.yaml").write_text(text)
     result = CliRunner().invoke(main, ["train", "student"])
     assert result.exit_code == 1 and "distill.method must be none, sgm or kdas, not 'magic'" in result.output
+
+
+def test_nproc_per_node_relaunches_training_under_torchrun(project, tool_env):
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    kdas("data", "synth")
+    kdas("data", "manifest")
+    text = (project / "params.yaml").read_text().replace("nproc_per_node: 1", "nproc_per_node: 2")
+    (project / "params.yaml").write_text(text)
+    out = subprocess.run(["kdas", "train", "teacher"], cwd=project, env={**tool_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("model:   models/teacher/best.pt") == 1  # rank 0 alone reports
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("kdas").experiment_id])
+    assert [r.info.run_name for r in runs] == ["train_teacher"]  # and tracks

@@ -24,7 +24,7 @@ from kdas.training import TrainJob, train
 from kdas.training.engine import scaled_size
 
 TINY = TrainParams(profile="cpu", image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=1e-4, grad_clip=0.5,
-                   multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, amp=True)
+                   multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True)
 NONE = DistillParams(method="none", alpha=0.3, tau=2.0, pool_stride=8)
 
 
