@@ -66,12 +66,14 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def tool_environ() -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's scripts (kdas, dvc) first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 @pytest.fixture
 def tool_env() -> dict[str, str]:
-    """Environment for subprocesses: this interpreter's scripts (kdas, dvc) first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    return tool_environ()
 
 
 # --------------------------------------------------------------------------- MLflow stores and servers

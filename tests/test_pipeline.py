@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import MLFLOW_QUIET, ROOT, make_dataset
+from conftest import MLFLOW_QUIET, ROOT, make_dataset, tool_environ
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def prefect_server():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, mlflow_template_db, prefect_server, tool_env_module):
+def project(tmp_path_factory, mlflow_template_db, prefect_server):
     """A git + DVC repository holding the project's DAG, code and tiny params."""
     root = tmp_path_factory.mktemp("project")
     for name in ("dvc.yaml", "params.yaml"):
@@ -58,7 +58,7 @@ def project(tmp_path_factory, mlflow_template_db, prefect_server, tool_env_modul
     (root / "mlflow").mkdir()
     shutil.copy(mlflow_template_db, root / "mlflow" / "mlflow.db")
     (root / ".gitignore").write_text("/mlflow/\n/models/\n/reports/\n/data/manifest.parquet\n")
-    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, env=tool_env_module, capture_output=True)  # noqa: E731
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, env=tool_environ(), capture_output=True)  # noqa: E731
     run("git", "init", "-q")
     run("dvc", "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the default remote: ../kdas-dvc-remote
@@ -74,14 +74,6 @@ def project(tmp_path_factory, mlflow_template_db, prefect_server, tool_env_modul
     import mlflow
 
     mlflow.set_tracking_uri(None)
-
-
-@pytest.fixture(scope="module")
-def tool_env_module():
-    import os
-    import sys
-
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def registry_state(name: str) -> tuple[list[str], dict[str, str]]:
@@ -149,8 +141,8 @@ def test_reusing_the_registered_teacher_skips_teacher_training(project):
     assert result["ran"]["distill"] is False  # the same teacher: nothing to distil again
 
 
-def test_results_push_to_the_default_remote_and_come_back(project, tool_env_module):
-    dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=tool_env_module, capture_output=True, text=True)  # noqa: E731
+def test_results_push_to_the_default_remote_and_come_back(project):
+    dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=tool_environ(), capture_output=True, text=True)  # noqa: E731
     push = dvc("push")
     assert push.returncode == 0, push.stderr
     assert any((project.parent / "kdas-dvc-remote").rglob("*"))
@@ -172,11 +164,8 @@ def test_a_second_flow_in_the_same_workspace_is_refused(project):
             retrain(workspace=str(project))
 
 
-def test_a_distillation_param_reruns_distill_evaluate_and_register_only(project, tool_env_module):
-    import os
-
-    env = {**tool_env_module, **{k: v for k, v in os.environ.items() if k.startswith(("MLFLOW", "XDG"))}}
-    dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)  # noqa: E731
+def test_a_distillation_param_reruns_distill_evaluate_and_register_only(project):
+    dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=tool_environ(), capture_output=True, text=True)  # noqa: E731
     assert "Data and pipelines are up to date" in dvc("status").stdout
     exp = dvc("exp", "run", "-S", "distill.alpha=0.5")
     assert exp.returncode == 0, exp.stderr[-2000:]
