@@ -108,6 +108,12 @@ def promote(role: str, workspace: Path) -> dict:
     return json.loads((workspace / "reports" / "promotion" / f"{role}.json").read_text())
 
 
+@task(name="champion", task_run_name="champion@{name}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def champion(name: str) -> dict | None:
+    """The version in production before this run, with its metrics (for the summary)."""
+    return tracking.champion_metrics(name)
+
+
 @task(name="reuse teacher", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def reuse_teacher(workspace: Path, uri: str) -> None:
     """Put the registered teacher where the distill stage reads it."""
@@ -135,7 +141,7 @@ def _publish_validation(workspace: Path) -> dict | None:
     return report
 
 
-def _summary(workspace: Path, decisions: dict[str, dict], skipped: list[str]) -> str:
+def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, dict | None], skipped: list[str]) -> str:
     params = load_params(workspace / "params.yaml")
     manifest = (_lock_entry(workspace, "manifest") or {}).get("outs", [{}])[0].get("md5", "?")
     lines = [f"# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
@@ -143,12 +149,17 @@ def _summary(workspace: Path, decisions: dict[str, dict], skipped: list[str]) ->
              f"- up to date, skipped: {', '.join(skipped) or 'none'}\n"]
     for role, decision in decisions.items():
         metrics = json.loads((workspace / "reports" / "evaluate" / role / "metrics.json").read_text())["datasets"]
-        lines += [f"## {role}: {'promoted to champion' if decision['promoted'] else 'not promoted'}\n", f"{decision['reason']}\n",
-                  "| test set | meanDic | meanIoU | wFm | Sm | MAE |", "|---|---|---|---|---|---|"]
-        lines += [f"| {d} | {m['meanDic']:.4f} | {m['meanIoU']:.4f} | {m['wFm']:.4f} | {m['Sm']:.4f} | {m['mae']:.4f} |" for d, m in metrics.items()]
-        champion = decision.get("champion_score")
-        lines.append(f"\nchallenger score {decision['challenger_score']}, champion before: "
-                     f"{'version ' + str(decision['champion_before']) + ', score ' + str(champion) if decision['champion_before'] else 'none'}\n")
+        before = champions[role]
+        versus = f"champion before (version {before['version']})" if before else "champion before (none)"
+        verdict = ("promoted to champion" if decision["promoted"] else
+                   "already champion" if decision["challenger"] == decision["champion_before"] else "not promoted")
+        lines += [f"## {role}: {verdict}\n", f"{decision['reason']}\n",
+                  f"| test set | meanDic | {versus} meanDic | meanIoU | wFm | Sm | MAE |", "|---|---|---|---|---|---|---|"]
+        for d, m in metrics.items():
+            old = before["metrics"].get("meanDic" if d == "mean" else f"{d}/meanDic") if before else None
+            lines.append(f"| {d} | {m['meanDic']:.4f} | {'-' if old is None else f'{old:.4f}'} | {m['meanIoU']:.4f} | {m['wFm']:.4f} "
+                         f"| {m['Sm']:.4f} | {m['mae']:.4f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -187,8 +198,10 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
             for role in roles:
                 ran[f"evaluate@{role}"] = run_stage(f"evaluate@{role}", root)
                 ran[f"register@{role}"] = register(role, root)
+            names = {"teacher": params.register.teacher_name, "student": params.register.student_name}
+            champions = {role: champion(names[role]) for role in roles}
             decisions = {role: promote(role, root) for role in roles}
-        summary = _summary(root, decisions, [s for s, r in ran.items() if not r])
+        summary = _summary(root, decisions, champions, [s for s, r in ran.items() if not r])
         create_markdown_artifact(key="retrain-summary", markdown=summary, description="kdas retrain: data, metrics, promotion")
         print(summary)
     return {"ran": ran, "decisions": decisions}
