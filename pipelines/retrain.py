@@ -74,25 +74,26 @@ def _lock_entry(workspace: Path, stage: str) -> dict | None:
     return yaml.safe_load(lock.read_text()).get("stages", {}).get(stage)  # foreach items are keyed "stage@item"
 
 
-def _run(cmd: list[str], workspace: Path) -> None:
+def _run(cmd: list[str], workspace: Path) -> list[str]:
+    """Run a command, its output streamed to the flow's log; returns that output."""
     logger = get_run_logger()
     proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: list[str] = []
+    lines: list[str] = []
     for line in proc.stdout:  # type: ignore[union-attr]
         line = line.rstrip()
         if line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
             logger.info(line)
-            tail = (tail + [line])[-15:]
+            lines.append(line)
     if proc.wait() != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(lines[-15:]))
+    return lines
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(stage: str, workspace: Path) -> bool:
     """`dvc repro --single-item STAGE`; True if it ran, False if DVC found it up to date."""
-    before = _lock_entry(workspace, stage)
-    _run([sys.executable, "-m", "dvc", "repro", "--quiet", "--single-item", stage], workspace)
-    ran = _lock_entry(workspace, stage) != before
+    output = _run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], workspace)
+    ran = f"Running stage '{stage}':" in output
     get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date, skipped")
     return ran
 
