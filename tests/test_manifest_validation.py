@@ -141,3 +141,13 @@ def test_missing_split_fails(tmp_path, vparams):
     df = build_manifest(raw, ["ds"], SplitParams(0.0, 0.0, 0), workers=1)
     report = validate_manifest(df, vparams)
     assert {f.detail.split(";")[0] for f in failing(report, "splits_present")} == {"no 'val' images", "no 'test' images"}
+
+
+def test_the_same_files_give_the_same_manifest_in_any_clone(tmp_path, monkeypatch):
+    make_dataset(tmp_path / "a" / "raw" / "ds", n=4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # new mtimes, same content
+    frames = []
+    for clone in ("a", "b"):
+        monkeypatch.chdir(tmp_path / clone)
+        frames.append(build_manifest("raw", ["ds"], SPLIT, workers=1))
+    assert frames[0].equals(frames[1])

@@ -1,7 +1,7 @@
 """`kdas data manifest`: one row per image/mask pair, in a parquet file.
 
 The manifest is what validation checks and what training reads. Rows whose files have
-not changed since the last run (same path, size and mtime) are reused, so a re-run after
+not changed since the last run (same path and sha256) are reused, so a re-run after
 adding a few images only reads those.
 """
 
@@ -24,14 +24,13 @@ from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, open_image, r
 
 log = logging.getLogger(__name__)
 
-FILE_KEY = ["image_path", "image_bytes", "image_mtime", "mask_path", "mask_bytes", "mask_mtime"]
+# Content, not mtimes, decides what is re-read: the manifest (and so its DVC hash) is then
+# the same in every clone that holds the same files.
+FILE_KEY = ["image_path", "image_sha256", "mask_path", "mask_sha256"]
 
 
-def _stat(path: str) -> tuple[int, int]:
-    if not path:
-        return -1, -1
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+def sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
 
 
 def phash(grey: np.ndarray) -> int:
@@ -43,9 +42,8 @@ def phash(grey: np.ndarray) -> int:
 
 
 def _describe_image(path: str) -> dict:
-    data = Path(path).read_bytes()
     im = open_image(path)
-    row = {"mode": im.mode, "width": im.width, "height": im.height, "image_sha256": hashlib.sha256(data).hexdigest()}
+    row = {"mode": im.mode, "width": im.width, "height": im.height}
     rgb = to_rgb(im)
     row["channels"] = rgb.shape[2]
     row["mean_r"], row["mean_g"], row["mean_b"] = (float(v) for v in rgb.reshape(-1, 3).mean(0))
@@ -56,8 +54,7 @@ def _describe_image(path: str) -> dict:
 def describe_pair(image_path: str, mask_path: str) -> dict:
     """Everything the data contract checks about one pair; a decode failure goes to `error`."""
     row: dict = {"image_path": image_path, "mask_path": mask_path, "error": ""}
-    row["image_bytes"], row["image_mtime"] = _stat(image_path)
-    row["mask_bytes"], row["mask_mtime"] = _stat(mask_path)
+    row["image_sha256"], row["mask_sha256"] = sha256(image_path), sha256(mask_path)
     errors = []
     if not image_path:
         errors.append(f"{mask_path}: mask without image")
@@ -106,7 +103,7 @@ def build_manifest(raw_root: str | Path, datasets: list[str], split: SplitParams
     rows: list[dict | None] = []
     todo = []
     for n, (ds, i, img, mask) in enumerate(listed):
-        key = (img, *_stat(img), mask, *_stat(mask))
+        key = (img, sha256(img), mask, sha256(mask))
         rows.append(cached.get(key))
         if rows[-1] is None:
             todo.append(n)
