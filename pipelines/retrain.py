@@ -145,7 +145,7 @@ def _publish_validation(workspace: Path) -> dict | None:
 def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, dict | None], skipped: list[str]) -> str:
     params = load_params(workspace / "params.yaml")
     manifest = (_lock_entry(workspace, "manifest") or {}).get("outs", [{}])[0].get("md5", "?")
-    lines = [f"# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
+    lines = ["# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
              f"- profile: `{params.train.profile}`, distillation: `{params.distill.method}`",
              f"- up to date, skipped: {', '.join(skipped) or 'none'}\n"]
     for role, decision in decisions.items():

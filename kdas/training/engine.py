@@ -38,7 +38,7 @@ from kdas.io import atomic_path, write_text
 from kdas.losses import distillation_loss
 from kdas.metrics import Evaluator
 from kdas.models import OUTPUT_STRIDE, create_model
-from kdas.training.distributed import World, barrier, broadcast, init_world, shutdown
+from kdas.training.distributed import barrier, broadcast, init_world, shutdown
 
 log = logging.getLogger(__name__)
 
