@@ -1,16 +1,18 @@
 """Small file helpers shared by every stage: atomic writes and image decoding.
 
 A failed run must never leave a half-written dataset, checkpoint or report behind, so
-every writer goes through `atomic_path` / `atomic_dir`: write to a temporary sibling,
-then rename (atomic on one filesystem).
+every writer goes through `atomic_path` / `atomic_dir`: write to a temporary sibling
+`.<name>.<pid>.<random>.tmp`, then rename (atomic on one filesystem). The temporary is
+removed on failure; one left by a killed process (its pid gone) is removed when the next
+writer of the same target starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,20 +20,46 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# Larger images are refused from the header, before decoding: PIL's own bomb threshold
+# (~89 Mpx, 9459 px square; colonoscopy frames are ~2 Mpx), which it only warns about.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 class ImageReadError(ValueError):
     """An image or mask file cannot be decoded."""
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _temporary(path: Path) -> Path:
+    """A fresh sibling name for `path`, after sweeping those left by dead processes.
+
+    Not created here: the writer creates it, so it gets the process's normal permissions
+    (mkstemp/mkdtemp would make it 0600/0700, and the rename would keep that)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name.removeprefix(f".{path.name}.").split(".")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path next to `path`; rename it onto `path` on success."""
+    """Yield a temporary file path next to `path` (not yet created); rename it onto `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temporary(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -43,17 +71,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; it replaces `path` on success.
 
-    An existing `path` is moved aside first and only deleted once the new folder is in
-    place, so a failure at any point leaves the old content as it was.
+    An existing `path` is moved aside to `.<name>.old` first and only deleted once the new
+    folder is in place, so a failure at any point leaves the old content as it was (after
+    a kill between the two renames, the next run puts `.<name>.old` back).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = path.parent / f".{path.name}.old"
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    tmp = _temporary(path)
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -67,12 +101,17 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image, turning any decoder failure into ImageReadError."""
+    """Open and fully decode an image, turning any decoder failure, and a header declaring
+    more than MAX_IMAGE_PIXELS (a decompression bomb), into ImageReadError naming the file."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ImageReadError(f"{path}: image too large ({im.width}x{im.height} px declared; at most {MAX_IMAGE_PIXELS} pixels)")
             im.load()
             return im.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except ImageReadError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: cannot decode image ({exc})") from exc
 
 

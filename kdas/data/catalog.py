@@ -21,6 +21,7 @@ class CatalogEntry:
     size: int | None = None                 # bytes of that download, when known
     sha256: str | None = None
     aliases: tuple[str, ...] = ()
+    generated: bool = False                 # written by a pipeline stage (dvc.yaml), never imported
 
     def test_ids(self) -> set[str]:
         if self.test_list is None:
@@ -44,7 +45,7 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry("etis-laribpolypdb", "ETIS-LaribPolypDB (Silva et al., 2014)", images=196, test_only=True, aliases=("etis",)),
         CatalogEntry("cvc-300", "CVC-300 / EndoScene test (Vázquez et al., 2017)", images=60, test_only=True, aliases=("endoscene",)),
         CatalogEntry("pranet-train", "PraNet TrainDataset (Kvasir-SEG 900 + CVC-ClinicDB 550)", images=1450, aliases=("traindataset",)),
-        CatalogEntry("synth", "kdas synthetic colonoscopy frames (embedded default)"),
+        CatalogEntry("synth", "kdas synthetic colonoscopy frames (embedded default)", generated=True),
     ]
 }
 

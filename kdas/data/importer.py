@@ -13,6 +13,7 @@ datasets; each is imported under its own name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kdas.data.catalog import canonical_name
+from kdas.data.catalog import CATALOG, canonical_name
 from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, open_image, read_mask
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,13 @@ log = logging.getLogger(__name__)
 PAIR_FOLDERS = [("images", "masks"), ("image", "mask"), ("Original", "Ground Truth")]
 COPY_AS_IS = {".jpg", ".jpeg", ".png"}  # already lossless-as-released; re-encoding would lose
 GENERIC_NAMES = {"png", "tif", "tiff", "data", "dataset", "datasets", "images", "testdataset"}
+NAME_RULE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # one folder under data/raw: no path, no '.', '..'
+# What an archive may expand to. The largest public releases (PraNet's train and test sets)
+# hold ~3,000 files and ~1 GB unpacked; one frame, even a 16-bit TIFF, is well under 256 MiB.
+MAX_ENTRIES = 100_000
+MAX_ENTRY_BYTES = 256 << 20
+MAX_TOTAL_BYTES = 16 << 30
+CHUNK = 1 << 20
 
 
 class ImportError_(ValueError):
@@ -51,9 +60,16 @@ class FoundDataset:
     masks: Path
 
 
-def _listing(folder: Path) -> dict[str, Path]:
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
-    return {p.stem: p for p in sorted(files)}
+def _listing(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """Files by id (name without extension), and a problem for each id held by several files
+    (a.jpg + a.png: which one is the frame cannot be guessed)."""
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+            by_stem.setdefault(p.stem, []).append(p)
+    duplicates = [f"{files[0]}: same id as {', '.join(p.name for p in files[1:])} (ids are file names without extension)"
+                  for files in by_stem.values() if len(files) > 1]
+    return {stem: files[0] for stem, files in by_stem.items()}, duplicates
 
 
 def _derive_name(folder: Path, root: Path, root_label: str) -> str | None:
@@ -88,16 +104,60 @@ def describe(root: Path) -> str:
     return ", ".join(shown) or "(empty)"
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a zip, refusing entries that would land outside `dest` or are links."""
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            target = (dest / info.filename).resolve()
-            if info.filename.startswith(("/", "\\")) or ".." in Path(info.filename).parts or not target.is_relative_to(dest.resolve()):
-                raise ImportError_(f"{archive}: entry '{info.filename}' escapes the archive's folder; refusing to extract")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise ImportError_(f"{archive}: entry '{info.filename}' is a symbolic link; refusing to extract")
-        zf.extractall(dest)
+def check_name(name: str) -> str:
+    """A dataset name is one plain folder under data/raw, and not one a pipeline stage writes."""
+    generated = sorted(e.name for e in CATALOG.values() if e.generated)
+    if not NAME_RULE.fullmatch(name) or canonical_name(name) in generated:
+        raise ImportError_(
+            f"invalid dataset name {name!r}: use 1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit (no path); {', '.join(generated)} is written by the pipeline and cannot be imported"
+        )
+    return name
+
+
+def safe_extract(archive: Path, dest: Path, *, max_entries: int = MAX_ENTRIES, max_entry_bytes: int = MAX_ENTRY_BYTES,
+                 max_total_bytes: int = MAX_TOTAL_BYTES) -> None:
+    """Extract a zip within limits. Entries that would land outside `dest`, links, too many
+    entries and declared sizes over the limits are refused before anything is written; bytes
+    are also counted while writing, so a header that understates a size gains nothing. A
+    corrupt archive or entry is named."""
+    entry = None
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            if len(infos) > max_entries:
+                raise ImportError_(f"{archive}: {len(infos)} entries, at most {max_entries} allowed; refusing to extract")
+            for info in infos:
+                target = (dest / info.filename).resolve()
+                if info.filename.startswith(("/", "\\")) or ".." in Path(info.filename).parts or not target.is_relative_to(dest.resolve()):
+                    raise ImportError_(f"{archive}: entry '{info.filename}' escapes the archive's folder; refusing to extract")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ImportError_(f"{archive}: entry '{info.filename}' is a symbolic link; refusing to extract")
+                if info.file_size > max_entry_bytes:
+                    raise ImportError_(f"{archive}: entry '{info.filename}' expands to {info.file_size} bytes, "
+                                       f"at most {max_entry_bytes} allowed; refusing to extract")
+            declared = sum(info.file_size for info in infos)
+            if declared > max_total_bytes:
+                raise ImportError_(f"{archive}: expands to {declared} bytes, at most {max_total_bytes} allowed; refusing to extract")
+            total = 0
+            for entry in infos:
+                target = dest / entry.filename
+                if entry.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written = 0
+                with zf.open(entry) as src, target.open("wb") as out:
+                    while block := src.read(CHUNK):
+                        written += len(block)
+                        total += len(block)
+                        if written > max_entry_bytes or total > max_total_bytes:
+                            raise ImportError_(f"{archive}: entry '{entry.filename}' expands beyond its declared {entry.file_size} "
+                                               f"bytes and the limits ({max_entry_bytes} per entry, {max_total_bytes} in all); refusing to extract")
+                        out.write(block)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:  # zipfile's ways to fail on bad data
+        where = f"entry '{entry.filename}' is corrupt" if entry else "not a readable zip archive"
+        raise ImportError_(f"{archive}: {where} ({exc})") from None
 
 
 def _convert_image(src: Path, dst_dir: Path) -> None:
@@ -126,35 +186,32 @@ def _convert_mask(src: Path, dst_dir: Path, max_nonbinary: float) -> None:
     Image.fromarray(binarise(grey).astype(np.uint8) * 255).save(dst_dir / f"{src.stem}.png")
 
 
-def _pairs(found: FoundDataset) -> list[tuple[Path, Path]]:
-    images, masks = _listing(found.images), _listing(found.masks)
-    lonely_images = sorted(set(images) - set(masks))
-    lonely_masks = sorted(set(masks) - set(images))
-    problems = [f"image without mask: {images[k]}" for k in lonely_images[:10]]
-    problems += [f"mask without image: {masks[k]}" for k in lonely_masks[:10]]
-    if problems:
-        more = len(lonely_images) + len(lonely_masks) - len(problems)
-        raise ImportError_("unpaired files (pairs match by file name without extension):\n  " + "\n  ".join(problems) + (f"\n  ... and {more} more" if more > 0 else ""))
+def _convert_all(found: FoundDataset, out: Path, *, max_nonbinary: float, workers: int) -> list[str]:
+    """Convert every pair of `found` into `out`; returns every problem met (unpaired,
+    duplicate, undecodable files, soft masks), so that a release is judged in one pass."""
+    (images, image_dups), (masks, mask_dups) = _listing(found.images), _listing(found.masks)
+    problems = image_dups + mask_dups
+    problems += [f"{images[k]}: image without mask" for k in sorted(set(images) - set(masks))]
+    problems += [f"{masks[k]}: mask without image" for k in sorted(set(masks) - set(images))]
     if not images:
-        raise ImportError_(f"{found.images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return [(images[k], masks[k]) for k in sorted(images)]
+        problems.append(f"{found.images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    (out / "images").mkdir()
+    (out / "masks").mkdir()
 
+    def convert(stem: str) -> list[str]:
+        found_here = []
+        for step in (lambda: _convert_image(images[stem], out / "images"), lambda: _convert_mask(masks[stem], out / "masks", max_nonbinary)):
+            try:
+                step()
+            except ValueError as exc:  # ImageReadError, ImportError_: a bad file, named
+                found_here.append(str(exc))
+        return found_here
 
-def import_one(found: FoundDataset, raw_root: Path, *, max_nonbinary: float, workers: int = 4) -> Path:
-    pairs = _pairs(found)
-    target = raw_root / found.name
-    with atomic_dir(target) as tmp:
-        (tmp / "images").mkdir()
-        (tmp / "masks").mkdir()
-
-        def convert(pair: tuple[Path, Path]) -> None:
-            _convert_image(pair[0], tmp / "images")
-            _convert_mask(pair[1], tmp / "masks", max_nonbinary)
-
-        with ThreadPoolExecutor(workers) as pool:  # PIL and cv2 release the GIL while decoding
-            list(tqdm(pool.map(convert, pairs), total=len(pairs), desc=f"import {found.name}", unit="pair", disable=None))
-    log.info("imported %d pairs into %s", len(pairs), target)
-    return target
+    paired = sorted(set(images) & set(masks))
+    with ThreadPoolExecutor(workers) as pool:  # PIL and cv2 release the GIL while decoding
+        for found_here in tqdm(pool.map(convert, paired), total=len(paired), desc=f"import {found.name}", unit="pair", disable=None):
+            problems += found_here
+    return problems
 
 
 def dvc_track(path: Path) -> None:
@@ -166,9 +223,15 @@ def dvc_track(path: Path) -> None:
     subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(path)], check=True, cwd=repo_root)
 
 
-def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: str | None = None, max_nonbinary: float = 0.05, track: bool = True) -> list[Path]:
-    """Import every dataset found in SRC (folder or .zip); returns the folders written."""
+def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: str | None = None, max_nonbinary: float = 0.05,
+                   track: bool = True, workers: int = 4) -> list[Path]:
+    """Import every dataset found in SRC (folder or .zip); returns the folders written.
+
+    All or nothing: every problem of every dataset in SRC is listed in one error, and then
+    nothing is written."""
     src, raw_root = Path(src), Path(raw_root)
+    if name is not None:
+        check_name(name)
     if not src.exists():
         raise ImportError_(f"{src}: no such file or folder")
     with tempfile.TemporaryDirectory(prefix="kdas-import-") as scratch:
@@ -192,8 +255,18 @@ def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: 
         for f in found:
             if not f.name:
                 raise ImportError_(f"{f.images.parent}: cannot tell the dataset's name; pass --name")
-        written = [import_one(f, raw_root, max_nonbinary=max_nonbinary) for f in found]
-    if track:
-        for path in written:
+            check_name(f.name)  # a folder called e.g. 'synth' must not replace a stage's output either
+        with contextlib.ExitStack() as commit:  # each folder replaces its old version only if all succeed
+            problems = []
+            for f in found:
+                tmp = commit.enter_context(atomic_dir(raw_root / f.name))
+                problems += _convert_all(f, tmp, max_nonbinary=max_nonbinary, workers=workers)
+            if problems:
+                text = f"{src}: {len(problems)} problem(s), nothing imported:\n  " + "\n  ".join(problems)
+                raise ImportError_(text.replace(str(root), str(src)) if root != src else text)  # name files as in the archive
+        written = [raw_root / f.name for f in found]
+    for path in written:
+        log.info("imported %s", path)
+        if track:
             dvc_track(path)
     return written
