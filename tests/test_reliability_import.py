@@ -1,0 +1,192 @@
+"""Hostile or careless inputs to `kdas data import`: names, zip bombs, lying headers, corrupt
+entries, decompression bombs, duplicates; a release is judged whole, in one pass."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_dataset, tool_environ, write_pair
+from kdas.data.importer import ImportError_, import_dataset, safe_extract
+from kdas.data.manifest import describe_pair
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares width x height (8-bit grey) over a few rows of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(width + 1) * 4)) + chunk(b"IEND", b"")
+
+
+def left_in(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def zip_folder(folder, archive):
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, p.relative_to(folder.parent))
+    return archive
+
+
+# --------------------------------------------------------------------------- item 2: --name
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "a/b", "/ABS", "synth", "Synth", "", "-x", ".hidden", "x" * 65])
+def test_bad_names_are_refused_before_anything_is_written(tmp_path, name):
+    src = make_dataset(tmp_path / "ds", n=1)
+    raw = tmp_path / "data" / "raw"
+    name = str(tmp_path / "victim") if name == "/ABS" else name
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "keep.txt").write_text("mine")
+    with pytest.raises(ImportError_, match=r"invalid dataset name .*lower-case letters.*synth is written by the pipeline"):
+        import_dataset(src, raw, name=name, track=False)
+    assert not raw.exists()
+    assert [p.name for p in (tmp_path / "victim").iterdir()] == ["keep.txt"]
+
+
+def test_a_release_folder_called_synth_is_refused(tmp_path):
+    make_dataset(tmp_path / "synth", n=1)
+    with pytest.raises(ImportError_, match="invalid dataset name 'synth'"):
+        import_dataset(tmp_path / "synth", tmp_path / "raw", track=False)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_cli_gives_one_line_for_a_bad_name(workdir):
+    src = make_dataset(workdir / "ds", n=1)
+    proc = subprocess.run([sys.executable, "-m", "kdas", "data", "import", str(src), "--name", "..", "--no-dvc"],
+                          capture_output=True, text=True, env=tool_environ(), timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: invalid dataset name '..'") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and not (workdir / "data").exists()
+
+
+# --------------------------------------------------------------------------- items 3, 8: zips
+
+
+def test_zip_bomb_is_refused_before_extracting(tmp_path):
+    archive = tmp_path / "bomb.zip"  # the probe's case: ~1 MB on disk, one 1 GiB entry
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("ds/masks/a.png", png_declaring(8, 8))
+        with zf.open("ds/images/a.png", "w", force_zip64=True) as fh:
+            block = bytes(1 << 20)
+            for _ in range(1024):
+                fh.write(block)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    start = time.monotonic()
+    with pytest.raises(ImportError_, match=r"bomb.zip: entry 'ds/images/a.png' expands to 1073741824 bytes, at most \d+ allowed"):
+        safe_extract(archive, dest)
+    assert time.monotonic() - start < 1 and not any(dest.iterdir())  # refused from the headers
+    with pytest.raises(ImportError_, match="expands to 1073741824 bytes"):
+        import_dataset(archive, tmp_path / "raw", track=False)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_header_that_understates_a_size_gains_nothing(tmp_path):
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ds/images/a.png", bytes(3 << 20))  # 3 MiB of zeros
+    data = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local header, central directory
+        at = data.index(signature) + offset
+        data[at : at + 4] = struct.pack("<I", 1000)  # "this entry is 1000 bytes"
+    archive.write_bytes(data)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ImportError_, match=r"liar.zip: entry 'ds/images/a.png' (is corrupt|expands beyond)"):
+        safe_extract(archive, dest, max_entry_bytes=1 << 20)
+    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) <= 1 << 20
+
+
+def test_too_many_entries_or_bytes_in_all(tmp_path):
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(6):
+            zf.writestr(f"ds/images/{i}.png", bytes(1000))
+    with pytest.raises(ImportError_, match="6 entries, at most 5 allowed"):
+        safe_extract(archive, tmp_path, max_entries=5)
+    with pytest.raises(ImportError_, match="expands to 6000 bytes, at most 5999 allowed"):
+        safe_extract(archive, tmp_path, max_total_bytes=5999)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_corrupt_zip_entry_is_named(tmp_path):
+    src = make_dataset(tmp_path / "src" / "ds", n=2)
+    archive = zip_folder(src, tmp_path / "ds.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("ds/images/img01.png")
+    data = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 20
+    data[start : start + 64] = bytes(range(64))  # garbage in the middle of the deflate stream
+    archive.write_bytes(data)
+    with pytest.raises(ImportError_, match=r"ds.zip: entry 'ds/images/img01.png' is corrupt \("):
+        import_dataset(archive, tmp_path / "raw", track=False)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("size", [(60000, 60000), (10000, 10000)], ids=["pil-bomb", "over-89-mpx"])
+def test_decompression_bomb_is_a_named_error_on_import_and_a_row_error_in_the_manifest(tmp_path, size):
+    src = make_dataset(tmp_path / "ds", n=2)
+    bomb = src / "images" / "img01.png"
+    bomb.write_bytes(png_declaring(*size))
+    with pytest.raises(ImportError_, match=rf"img01.png: (image too large \({size[0]}x{size[1]} px declared|cannot decode image \(Image size)"):
+        import_dataset(src, tmp_path / "raw", track=False)
+    assert left_in(tmp_path / "raw") == []
+    row = describe_pair(str(bomb), str(src / "masks" / "img01.png"))  # already in data/raw: one bad row
+    assert "img01.png" in row["error"] and row["mask_width"] == 96
+
+
+# --------------------------------------------------------------------------- items 4, 9: one pass, all or nothing
+
+
+def test_duplicate_ids_are_reported_not_dropped(tmp_path):
+    src = make_dataset(tmp_path / "ds", n=2)
+    write_pair(src / "images", src / "masks", "a", img_ext=".jpg")
+    write_pair(src / "images", tmp_path / "unused", "a", img_ext=".png", seed=1)
+    write_pair(src / "images", src / "masks", "b", mask_ext=".jpg")
+    write_pair(tmp_path / "unused", src / "masks", "b", mask_ext=".png", seed=1)
+    with pytest.raises(ImportError_, match=r"(?s)images/a.jpg: same id as a.png.*masks/b.jpg: same id as b.png"):
+        import_dataset(src, tmp_path / "raw", track=False)
+    assert left_in(tmp_path / "raw") == []
+
+
+def test_every_problem_of_a_release_in_one_error_and_nothing_written(tmp_path):
+    src = make_dataset(tmp_path / "TestDataset" / "kvasir", n=5)
+    make_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", n=2)  # a good dataset of the same release
+    raw = tmp_path / "raw"
+    import_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", raw, track=False)
+    before = sorted(p.name for p in (raw / "cvc-colondb" / "images").iterdir())
+    write_pair(src / "images", tmp_path / "unused", "lonely")  # unpaired
+    write_pair(src / "images", tmp_path / "unused", "img00", img_ext=".jpg")  # duplicate id
+    Image.fromarray(np.tile(np.linspace(0, 255, 96).astype(np.uint8), (80, 1))).save(src / "masks" / "img01.png")  # soft mask
+    jpg = src / "images" / "img02.png"
+    jpg.write_bytes(jpg.read_bytes()[:200])  # truncated
+    (src / "images" / "img03.png").write_bytes(png_declaring(60000, 60000))  # decompression bomb
+    with pytest.raises(ImportError_) as err:
+        import_dataset(tmp_path / "TestDataset", raw, track=False)
+    message = str(err.value)
+    assert "5 problem(s), nothing imported" in message
+    for expected in ("img00.jpg: same id as img00.png", "lonely.png: image without mask", "img01.png: not a binary mask",
+                     "img02.png: cannot decode image", "img03.png: cannot decode image"):
+        assert expected in message
+    assert sorted(p.name for p in raw.iterdir()) == ["cvc-colondb"]  # kvasir not written, no temporary left
+    assert sorted(p.name for p in (raw / "cvc-colondb" / "images").iterdir()) == before
+
+
+def test_problems_inside_a_zip_are_named_as_in_the_archive(tmp_path):
+    src = make_dataset(tmp_path / "src" / "ds", n=2)
+    (src / "images" / "img00.png").write_bytes(b"not a png")
+    archive = zip_folder(src, tmp_path / "ds.zip")
+    with pytest.raises(ImportError_, match=rf"{archive}/ds/images/img00.png: cannot decode image"):
+        import_dataset(archive, tmp_path / "raw", track=False)
