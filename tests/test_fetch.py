@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,17 +17,29 @@ from kdas.data.fetch import FetchError, fetch
 from kdas.data.importer import import_dataset
 
 
+HTML = b"<!DOCTYPE html><html><body>Please log in to download</body></html>"
+
+
 class ReleaseServer(BaseHTTPRequestHandler):
-    """Serves `payload` with Range support; `corrupt_first` bad copies are sent first."""
+    """Serves `payload` with Range support. First, `corrupt_first` copies cut 10 bytes short
+    (with a matching Content-Length), `html_first` HTML pages, `cut_first` halves sent
+    without Content-Length (HTTP/1.0: the body ends when the connection closes)."""
 
     payload = b""
-    corrupt_first = 0
+    corrupt_first = html_first = cut_first = 0
     requests: list[str] = []
 
     def do_GET(self):  # noqa: N802
         cls = type(self)
         cls.requests.append(self.headers.get("Range", ""))
         body = cls.payload
+        if cls.html_first or cls.cut_first:
+            html = bool(cls.html_first)
+            cls.html_first, cls.cut_first = (cls.html_first - 1, cls.cut_first) if html else (0, cls.cut_first - 1)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(HTML if html else body[: len(body) // 2])
+            return
         if cls.corrupt_first:
             cls.corrupt_first -= 1
             body = body[:-10]
@@ -58,7 +71,7 @@ def release(tmp_path):
         for p in src.rglob("*"):
             zf.write(p, p.relative_to(tmp_path / "release"))
     ReleaseServer.payload = archive.read_bytes()
-    ReleaseServer.corrupt_first = 0
+    ReleaseServer.corrupt_first = ReleaseServer.html_first = ReleaseServer.cut_first = 0
     ReleaseServer.requests = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), ReleaseServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -107,3 +120,44 @@ def test_unknown_or_uncatalogued_release(tmp_path):
 def test_unreachable_server_says_to_resume(tmp_path):
     with pytest.raises(FetchError, match="run the command again to resume"):
         fetch("kvasir-seg", tmp_path, url="http://127.0.0.1:9/kvasir-seg.zip", timeout=2)
+
+
+@pytest.mark.parametrize("fault", ["html_first", "cut_first"])
+def test_a_download_that_is_no_zip_is_never_kept(tmp_path, release, fault):
+    setattr(ReleaseServer, fault, 1)  # one bad answer, then the release: retried from scratch
+    archive = fetch("kvasir-seg", tmp_path / "d1", url=release)
+    assert archive.read_bytes() == ReleaseServer.payload and ReleaseServer.requests == ["", ""]
+
+    setattr(ReleaseServer, fault, 2)
+    with pytest.raises(FetchError, match=r"failed its check twice \(not a readable zip archive .*it starts with b'"):
+        fetch("kvasir-seg", tmp_path / "d2", url=release)
+    assert not list((tmp_path / "d2").iterdir())
+
+
+def test_another_zip_is_refused_by_the_catalogued_hash(tmp_path, release, monkeypatch):
+    good = hashlib.sha256(ReleaseServer.payload).hexdigest()
+    monkeypatch.setitem(catalog.CATALOG, "kvasir-seg", dataclasses.replace(catalog.CATALOG["kvasir-seg"], sha256=good))
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("readme.txt", "another release")
+    ReleaseServer.payload = other.read_bytes()
+    with pytest.raises(FetchError, match=f"failed its check twice \\(sha256 .*, expected {good}"):
+        fetch("kvasir-seg", tmp_path / "d", url=release)
+    assert not list((tmp_path / "d").iterdir())
+
+
+@pytest.mark.parametrize("kept", ["html", "truncated", "bad-crc"])
+def test_a_corrupt_kept_archive_is_fetched_again(tmp_path, release, kept):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    payload = ReleaseServer.payload
+    with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+        first = zf.infolist()[-1]
+    at = first.header_offset + 30 + len(first.filename) + len(first.extra) + 10  # inside the entry's data
+    bad = {"html": HTML, "truncated": payload[:-100],
+           "bad-crc": payload[:at] + bytes(b ^ 0xFF for b in payload[at : at + 8]) + payload[at + 8 :]}[kept]
+    (downloads / "kvasir-seg.zip").write_bytes(bad)
+    archive = fetch("kvasir-seg", downloads, url=release)
+    assert archive.read_bytes() == payload and ReleaseServer.requests == [""]
+    fetch("kvasir-seg", downloads, url=release)  # now good: kept, not downloaded again
+    assert ReleaseServer.requests == [""]

@@ -1,9 +1,11 @@
 """`kdas data fetch NAME`: download a catalogued public release, then import it.
 
 Downloads go to data/downloads/<file>.part and are renamed only once complete and
-checked (size from the catalogue or the server's Content-Length; sha256 when the
-catalogue has it). An interrupted download resumes with an HTTP Range request; a
-download that fails its check is deleted and tried once more from scratch.
+checked: size from the catalogue or the server's Content-Length, sha256 when the
+catalogue has it, and always a zip whose every entry reads back (an HTML error page, or a
+body cut short without Content-Length, fails here). An interrupted download resumes with
+an HTTP Range request; a download that fails its check is deleted and tried once more from
+scratch. A kept archive is checked again before it is reused, and fetched again if bad.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -64,7 +68,13 @@ def _check(path: Path, entry: CatalogEntry, total: int | None) -> str | None:
         return f"size {size} bytes, expected {expected}"
     if entry.sha256 and (digest := _sha256(path)) != entry.sha256:
         return f"sha256 {digest}, expected {entry.sha256}"
-    return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every entry back against its CRC
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        with path.open("rb") as fh:
+            return f"not a readable zip archive ({exc}; it starts with {fh.read(40)!r})"
+    return f"corrupt zip entry '{bad}'" if bad else None
 
 
 def fetch(name: str, downloads: str | Path = "data/downloads", *, url: str | None = None, timeout: float = 60.0) -> Path:
@@ -78,9 +88,12 @@ def fetch(name: str, downloads: str | Path = "data/downloads", *, url: str | Non
     downloads = Path(downloads)
     downloads.mkdir(parents=True, exist_ok=True)
     target = downloads / (Path(urlparse(url).path).name or f"{name}.zip")
-    if target.exists() and _check(target, entry, None) is None:
-        log.info("%s already downloaded", target)
-        return target
+    if target.exists():
+        if (problem := _check(target, entry, None)) is None:
+            log.info("%s already downloaded", target)
+            return target
+        log.warning("%s: %s; fetching it again", target, problem)
+        target.unlink()
     part = target.with_name(target.name + ".part")
     for attempt in (1, 2):
         try:
