@@ -66,9 +66,12 @@ METRIC_TAG = "metric."  # version tags holding the evaluation metrics
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 
 # Serving defaults, written into each logged model's MLmodel (model_config) so that what a
-# served version enforces is visible and stays fixed for that version. max_pixels caps the
-# memory of one image whatever its aspect (binding when max_side is raised).
-SERVING_CONFIG = {"max_side": 4096, "max_pixels": 4096 * 4096, "threshold": 0.5, "device": "auto", "batch_size": 8}
+# served version enforces is visible and stays fixed for that version. The budget of one
+# request, checked from the image headers before any pixel is decoded (a 10 KB PNG can
+# declare 4096 x 4096): at most max_rows images, at most max_pixels pixels in all (which
+# bounds any one image too), each at most max_side a side.
+SERVING_CONFIG = {"max_side": 4096, "max_rows": 32, "max_pixels": 4 * 4096 * 4096, "threshold": 0.5, "device": "auto",
+                  "batch_size": 8}
 
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 
@@ -378,9 +381,9 @@ def _image_bytes(value: Any, row: int) -> bytes:
         raise _bad_input(f"row {row}: 'image' is not valid base64") from None
 
 
-def _check_header(data: bytes, row: int, max_side: int, max_pixels: int) -> None:
+def _check_header(data: bytes, row: int, max_side: int, max_pixels: int) -> int:
     """Format and size from the header alone, before any pixel is decoded (a small file
-    can claim a huge image)."""
+    can claim a huge image); returns the image's pixel count."""
     try:
         with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
             width, height = im.size
@@ -392,6 +395,7 @@ def _check_header(data: bytes, row: int, max_side: int, max_pixels: int) -> None
         raise _bad_input(
             f"row {row}: image too large: {width}x{height} px (at most {max_side} px a side, {max_pixels} pixels)"
         )
+    return width * height
 
 
 def _decode(data: bytes, row: int) -> np.ndarray:
@@ -444,10 +448,16 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
             raise _bad_input(f"expected a DataFrame with a column 'image', got {type(model_input).__name__}")
         if "image" not in model_input.columns:
             raise _bad_input(f"expected a column 'image' (base64 PNG/JPEG); got columns {list(model_input.columns)}")
-        # check every row before any inference: a bad row costs the client nothing
+        # check the whole request before any pixel is decoded: over budget or bad, it costs nothing
+        if len(model_input) > cfg["max_rows"]:
+            raise _bad_input(f"request too large: {len(model_input)} rows (at most {cfg['max_rows']} per request)")
         blobs = [_image_bytes(value, row) for row, value in enumerate(model_input["image"].tolist())]
+        pixels = 0
         for row, data in enumerate(blobs):
-            _check_header(data, row, cfg["max_side"], cfg["max_pixels"])
+            pixels += _check_header(data, row, cfg["max_side"], cfg["max_pixels"])
+            if pixels > cfg["max_pixels"]:
+                raise _bad_input(f"request too large: rows 0 to {row} declare {pixels} pixels (at most {cfg['max_pixels']} "
+                                 f"per request); send fewer or smaller images")
         masks: list[str] = []
         fractions: list[float] = []
         step = int(cfg["batch_size"])

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -129,6 +130,17 @@ def test_bad_image_is_a_400_naming_the_row(endpoint: str, value: str, message: s
     assert status == 400
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert message in body["message"]
+
+
+def test_over_budget_request_is_a_quick_400(endpoint: str) -> None:
+    """The probe's request: 50 rows of tiny PNGs that each declare 4096 x 4096."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4096, 4096), np.uint8)).save(buf, format="PNG", optimize=True)
+    big = base64.b64encode(buf.getvalue()).decode("ascii")
+    start = time.monotonic()
+    status, body = invoke(endpoint, ["image"], [[big]] * 50)
+    assert status == 400 and time.monotonic() - start < 2
+    assert "request too large: 50 rows (at most 32 per request)" in body["message"]
 
 
 @pytest.mark.parametrize(
