@@ -40,7 +40,7 @@ def main() -> None:
         tmp = Path(tmp)
         n = args.batch_size * (args.steps + 1) * 2
         write_synth(tmp / "raw" / "synth", SynthParams(n_images=n, size=max(args.sizes), empty_fraction=0.1, seed=0))
-        manifest = build_manifest(tmp / "raw", ["synth"], SplitParams(val_fraction=0.05, test_fraction=0.0, seed=0))
+        manifest = build_manifest(tmp / "raw", ["synth"], SplitParams(val_fraction=0.05, test_fraction=0.0, seed=0), near_duplicate_distance=params.validation.near_duplicate_distance)
         for size in args.sizes:
             teacher_file = save_model(tmp / f"teacher{size}.pt", create_model(params.model.teacher), arch=params.model.teacher, image_size=size)
             settings = [("teacher", params.model.teacher, "none", None), ("student", params.model.student, "none", None),

@@ -1,7 +1,10 @@
-"""Model files: the weights plus what it takes to rebuild and feed the model.
+"""Model files: the weights plus everything it takes to rebuild and feed the model.
 
-A model file holds only tensors and plain values, so it loads with
-`torch.load(weights_only=True)`: no pickled code runs on load.
+A model file describes itself (as timm's ``pretrained_cfg`` does): architecture, backbone,
+decoder width, input normalisation and the training image size travel with the weights,
+so evaluate, predict, serve and export rebuild it without params.yaml. It holds only
+tensors and plain values, so it loads with `torch.load(weights_only=True)`: no pickled
+code runs on load.
 """
 
 from __future__ import annotations
@@ -14,25 +17,29 @@ import torch
 from torch import nn
 
 from kdas.io import atomic_path
-from kdas.models import create_model
+from kdas.models import PolypPVT, create_model
 
-FORMAT = "kdas-model/1"
+FORMAT = "kdas-model/2"
+_CONFIG_KEYS = ("arch", "backbone", "channel", "mean", "std")
 
 
 @dataclass
 class ModelFile:
-    model: nn.Module
-    arch: str
+    model: PolypPVT
     image_size: int
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.model.config()
 
-def save_model(path: str | Path, model: nn.Module, *, arch: str, image_size: int, info: dict[str, Any] | None = None) -> Path:
+
+def save_model(path: str | Path, model: nn.Module, *, image_size: int, info: dict[str, Any] | None = None) -> Path:
     """Write a model file atomically. `info` holds plain values (metrics, epoch, run id...)."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     payload = {
         "format": FORMAT,
-        "arch": arch,
+        "model": model.config(),
         "image_size": int(image_size),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "info": info or {},
@@ -40,6 +47,12 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, image_size: int
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+def build_from_config(config: dict[str, Any]) -> PolypPVT:
+    """A random-init model of the architecture a model file records."""
+    return create_model(config["arch"], backbone=config["backbone"], channel=config["channel"],
+                        mean=tuple(config["mean"]), std=tuple(config["std"]))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFile:
@@ -50,10 +63,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad file
-        raise ValueError(f"{path}: not a loadable model file ({exc})") from exc
+        raise ValueError(f"{path}: not a loadable model file ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a kdas model file (expected format {FORMAT})")
-    model = create_model(payload["arch"])
-    model.load_state_dict(payload["state_dict"])
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: not a kdas model file (expected format {FORMAT}, found {found!r}); "
+                         "train one with `kdas train`, or import an official Polyp-PVT checkpoint with `kdas import-teacher`")
+    config, state = payload.get("model"), payload.get("state_dict")
+    if not isinstance(config, dict) or any(k not in config for k in _CONFIG_KEYS) or not isinstance(state, dict):
+        raise ValueError(f"{path}: a damaged kdas model file (needs 'model' with {', '.join(_CONFIG_KEYS)} and 'state_dict')")
+    model = build_from_config(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: its weights do not fit its own architecture ({str(exc).splitlines()[0]})") from exc
     model.to(device).eval()
-    return ModelFile(model=model, arch=payload["arch"], image_size=payload["image_size"], info=payload["info"])
+    return ModelFile(model=model, image_size=int(payload["image_size"]), info=payload.get("info") or {})

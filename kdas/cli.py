@@ -121,7 +121,8 @@ def data_manifest(ctx: click.Context, raw: Path, out: Path) -> None:
 
     params = params_of(ctx)
     previous = read_manifest(out) if out.exists() else None
-    df = build_manifest(raw, params.data.datasets, params.data.split, previous)
+    df = build_manifest(raw, params.data.datasets, params.data.split, previous,
+                        near_duplicate_distance=params.validation.near_duplicate_distance)
     write_manifest(df, out)
     counts = df.groupby(["dataset", "split"]).size().unstack(fill_value=0)
     click.echo(f"{out}: {len(df)} pairs\n{counts.to_string()}")
@@ -155,6 +156,46 @@ def validate(ctx: click.Context, manifest: Path, reports: Path, show: int) -> No
 
 
 @main.group()
+def params() -> None:
+    """Named parameter profiles (params.yaml `profiles:`)."""
+
+
+@params.command("use")
+@click.argument("name")
+@click.pass_context
+def params_use(ctx: click.Context, name: str) -> None:
+    """Write profile NAME (e.g. paper, real-cpu) into params.yaml.
+
+    Like `dvc exp run -S`, the keys are written into the file, so params.yaml always says
+    what runs and DVC re-runs exactly the stages whose keys changed.
+    """
+    from kdas.config import use_profile
+
+    updates = use_profile(name, ctx.obj["params_path"])
+    click.echo(f"{ctx.obj['params_path']}: profile {name}\n" + "\n".join(f"  {k}: {v}" for k, v in updates.items()))
+    click.echo("Next: `dvc repro` (or `python -m pipelines.retrain`).")
+
+
+@main.command("import-teacher")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", default=Path("models/teacher/best.pt"), show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--backbone", default="pvt_v2_b2", show_default=True, help="The backbone the checkpoint was trained on.")
+@click.option("--image-size", default=352, show_default=True, help="The size it was trained at.")
+def import_teacher(checkpoint: Path, out: Path, backbone: str, image_size: int) -> None:
+    """Turn an official Polyp-PVT checkpoint (PolypPVT.pth) into a kdas model file.
+
+    The result is usable as `kdas train student --teacher OUT`.
+    """
+    from kdas.checkpoint import save_model
+    from kdas.models.official import load_official_checkpoint
+
+    model = load_official_checkpoint(checkpoint, backbone=backbone)
+    path = save_model(out, model, image_size=image_size, info={"role": "teacher", "source": f"official Polyp-PVT checkpoint {checkpoint.name}"})
+    click.echo(f"{checkpoint} -> {path} (Polyp-PVT on {backbone}, {image_size} px); distil from it with "
+               f"`kdas train student --teacher {path}`")
+
+
+@main.group()
 def train() -> None:
     """Train the teacher, or distil it into the student."""
 
@@ -163,7 +204,7 @@ def _train_options(f):
     for option in reversed([
         click.option("--manifest", default=MANIFEST, show_default=True, type=click.Path(path_type=Path)),
         click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: models/<role>)."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (if written with the same settings; else start afresh)."),
         click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, cpu) or a torch device."),
         click.option("--max-steps", type=int, help="Stop each epoch after this many batches (smoke tests)."),
     ]):
@@ -171,7 +212,7 @@ def _train_options(f):
     return f
 
 
-def _run_training(ctx: click.Context, role: str, arch: str, method: str, out: Path | None, teacher: Path | None, **kw) -> None:
+def _run_training(ctx: click.Context, role: str, method: str, out: Path | None, teacher: Path | None, **kw) -> None:
     import dataclasses
 
     from kdas import tracking
@@ -185,20 +226,21 @@ def _run_training(ctx: click.Context, role: str, arch: str, method: str, out: Pa
                   "-m", "kdas", *sys.argv[1:]]
         sys.exit(subprocess.call(launch))
     distill = dataclasses.replace(params.distill, method=method)
+    spec = getattr(params.model, role)
     out = out or Path("models") / role
-    job = TrainJob(role=role, arch=arch, manifest=read_manifest(kw["manifest"]), out_dir=out, train=params.train, distill=distill,
-                   pretrained=params.model.pretrained, teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
+    job = TrainJob(role=role, model=spec, manifest=read_manifest(kw["manifest"]), out_dir=out, train=params.train, distill=distill,
+                   teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks and reports
         run_train(job)
         return
-    logged = {"role": role, "arch": arch, "teacher": str(teacher or ""), "train": params.train, "distill": distill, "model": params.model}
+    logged = {"role": role, "teacher": str(teacher or ""), "train": params.train, "distill": distill, "model": spec}
     with tracking.stage_run(f"train_{role}", logged) as run:
         job.on_epoch = tracking.log_metrics
         result = run_train(job)
         tracking.log_metrics({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
         for name in ("history.csv", "metrics.json"):  # the weights go to the registry (kdas register)
             tracking.log_artifact(out / name, artifact_path=role)
-    click.echo(f"{role} ({arch}, method {method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
+    click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
     click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'}")
     click.echo(f"  MLflow:  run {run.info.run_id} in {tracking.tracking_uri()}")
 
@@ -207,8 +249,8 @@ def _run_training(ctx: click.Context, role: str, arch: str, method: str, out: Pa
 @_train_options
 @click.pass_context
 def train_teacher(ctx: click.Context, out: Path | None, **kw) -> None:
-    """Train the teacher (model.teacher, e.g. polyp_pvt_b2) on the ground truth."""
-    _run_training(ctx, "teacher", params_of(ctx).model.teacher, "none", out, None, **kw)
+    """Train the teacher (model.teacher in params.yaml) on the ground truth."""
+    _run_training(ctx, "teacher", "none", out, None, **kw)
 
 
 @train.command("student")
@@ -228,7 +270,7 @@ def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out:
     params = params_of(ctx)
     method = method or params.distill.method
     teacher = None if method == "none" else tracking.resolve_model_file(teacher_ref)
-    _run_training(ctx, "student", params.model.student, method, out, teacher, **kw)
+    _run_training(ctx, "student", method, out, teacher, **kw)
 
 
 def _role_option(f):
@@ -264,9 +306,11 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     with tracking.stage_run(f"evaluate_{role}", {"model": model_ref, "evaluate": params.evaluate}):
         seg = Segmenter.load(tracking.resolve_model_file(model_ref), device)
         result = evaluate_model(seg, read_manifest(manifest), out, batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
-        tracking.log_metrics({"test": result["datasets"], "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})
+        tracking.log_metrics({"test": result["datasets"], "test_published": result["published"],
+                              "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})
         tracking.log_artifacts(out, artifact_path=f"evaluate/{role}")
-    table = "\n".join(f"  {d:<20} meanDic {m['meanDic']:.4f}  meanIoU {m['meanIoU']:.4f}  wFm {m['wFm']:.4f}  Sm {m['Sm']:.4f}  MAE {m['mae']:.4f}"
+    table = "\n".join(f"  {d:<20} meanDic {m['meanDic']:.4f} (published maps {result['published'][d]['meanDic']:.4f})  "
+                      f"meanIoU {m['meanIoU']:.4f}  wFm {m['wFm']:.4f}  Sm {m['Sm']:.4f}  MAE {m['mae']:.4f}"
                       for d, m in result["datasets"].items())
     e = result["efficiency"]
     click.echo(f"{role} on the test sets:\n{table}")

@@ -1,15 +1,18 @@
 """params.yaml read once into typed objects.
 
 Every default lives in params.yaml; the dataclasses here only give it types, so a key
-that is missing or misspelt fails loudly instead of silently taking a value from code.
+that is missing, misspelt, of the wrong type or out of range fails at load time, with the
+key named, before any data is read. Named profiles (`profiles:` in params.yaml) are sets of
+dotted keys that `kdas params use NAME` writes into the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -48,15 +51,24 @@ class ValidationParams:
 
 
 @dataclass(frozen=True)
+class RoleModel:
+    """One role's model: `arch` a kdas.models name (`polyp_pvt` takes any timm `backbone`),
+    `weights` none | hub | a local backbone file, the backbone's stochastic depth."""
+
+    arch: str
+    backbone: str | None
+    weights: str
+    drop_path_rate: float
+
+
+@dataclass(frozen=True)
 class ModelParams:
-    teacher: str
-    student: str
-    pretrained: str
+    teacher: RoleModel
+    student: RoleModel
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    profile: str
     image_size: int
     batch_size: int
     epochs: int
@@ -71,11 +83,14 @@ class TrainParams:
     workers: int
     nproc_per_node: int
     amp: bool
+    augment: bool
+    weighted_bce: bool
 
 
 @dataclass(frozen=True)
 class DistillParams:
     method: str
+    attention: str
     alpha: float
     tau: float
     pool_stride: int
@@ -112,9 +127,6 @@ class Params:
     register: RegisterParams
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 class ParamsError(ValueError):
     """params.yaml does not match the schema."""
@@ -130,14 +142,88 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     kwargs = {}
+    hints = get_type_hints(cls)
     for name, f in known.items():
         if name not in raw:
             if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 continue
             raise ParamsError(f"{where}: missing key '{name}'")
         sub = _SUBTYPES.get((cls, name))
-        kwargs[name] = _build(sub, raw[name], f"{where}.{name}") if sub else raw[name]
+        kwargs[name] = _build(sub, raw[name], f"{where}.{name}") if sub else _typed(raw[name], hints[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` if it is of type `hint` (ints pass as floats), else a ParamsError naming the key."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _typed(value, option, where)
+            except ParamsError:
+                pass
+    elif origin is list:
+        if isinstance(value, list):
+            return [_typed(v, args[0], f"{where}[{k}]") for k, v in enumerate(value)]
+    elif origin is dict or hint is Any:
+        if hint is Any or isinstance(value, dict):
+            return value
+    elif hint is type(None):
+        if value is None:
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    name = getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+    raise ParamsError(f"{where}: expected {name}, got {value!r} ({type(value).__name__}); e.g. write 1.0e-4, not '1e-4' (YAML reads that as text)"
+                      if isinstance(value, str) and hint is float else f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+# Ranges checked at load time, so that a bad value stops a command before any data is read.
+_RANGES: dict[str, tuple[float, float]] = {
+    "data.synth.n_images": (3, 1e6), "data.synth.size": (32, 4096), "data.synth.empty_fraction": (0, 1),
+    "data.split.val_fraction": (0, 0.9), "data.split.test_fraction": (0, 0.9),
+    "validation.min_size": (1, 1e5), "validation.max_size": (1, 1e5), "validation.max_nonbinary_fraction": (0, 1),
+    "validation.max_foreground_fraction": (0, 1), "validation.near_duplicate_distance": (0, 64),
+    "model.teacher.drop_path_rate": (0, 1), "model.student.drop_path_rate": (0, 1),
+    "train.image_size": (32, 4096), "train.batch_size": (1, 1e5), "train.epochs": (1, 1e5), "train.lr": (1e-12, 10),
+    "train.weight_decay": (0, 10), "train.grad_clip": (1e-9, 1e9), "train.lr_decay": (1e-9, 1), "train.decay_epochs": (1, 1e6),
+    "train.patience": (1, 1e6), "train.workers": (0, 256), "train.nproc_per_node": (1, 1024),
+    "distill.alpha": (0, 1), "distill.tau": (1e-6, 1e3), "distill.pool_stride": (1, 64),
+    "evaluate.batch_size": (1, 1e5), "evaluate.grid_size": (1, 100), "register.gate.floor": (0, 1), "register.gate.margin": (0, 1),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "distill.method": ("none", "sgm", "kdas"),
+    "distill.attention": ("spatial", "pairwise"),
+}
+
+
+def _check_values(params: Params, where: str) -> None:
+    def get(dotted: str) -> Any:
+        value: Any = params
+        for key in dotted.split("."):
+            value = getattr(value, key)
+        return value
+
+    for key, (lo, hi) in _RANGES.items():
+        if not lo <= get(key) <= hi:
+            raise ParamsError(f"{where}: {key} = {get(key)!r} is out of range [{lo:g}, {hi:g}]")
+    for key, choices in _CHOICES.items():
+        if get(key) not in choices:
+            raise ParamsError(f"{where}: {key} must be one of {', '.join(choices)}, not {get(key)!r}")
+    if not params.train.multiscale or any(not 0.25 <= s <= 4 for s in params.train.multiscale):
+        raise ParamsError(f"{where}: train.multiscale must be a non-empty list of scales in [0.25, 4], e.g. [0.75, 1.0, 1.25]")
+    from kdas.models import OUTPUT_STRIDE
+
+    if params.train.image_size % OUTPUT_STRIDE:
+        lo = params.train.image_size // OUTPUT_STRIDE * OUTPUT_STRIDE
+        raise ParamsError(f"{where}: train.image_size = {params.train.image_size} must be a multiple of {OUTPUT_STRIDE} "
+                          f"(nearest: {max(lo, OUTPUT_STRIDE)} or {lo + OUTPUT_STRIDE})")
 
 
 _SUBTYPES: dict[tuple[type, str], type] = {
@@ -146,6 +232,8 @@ _SUBTYPES: dict[tuple[type, str], type] = {
     (DataParams, "split"): SplitParams,
     (Params, "validation"): ValidationParams,
     (Params, "model"): ModelParams,
+    (ModelParams, "teacher"): RoleModel,
+    (ModelParams, "student"): RoleModel,
     (Params, "train"): TrainParams,
     (Params, "distill"): DistillParams,
     (Params, "evaluate"): EvaluateParams,
@@ -154,27 +242,33 @@ _SUBTYPES: dict[tuple[type, str], type] = {
 }
 
 
-def _apply_profile(raw: dict[str, Any]) -> dict[str, Any]:
-    """Overlay `profiles.<train.profile>` on `train`; the `cpu` profile is train itself."""
-    profile = raw["train"].get("profile", "cpu")
-    if profile == "cpu":
-        return raw
-    profiles = raw.get("profiles", {})
-    if profile not in profiles:
-        raise ParamsError(f"train.profile: unknown profile '{profile}'; known: cpu, {', '.join(profiles)}")
-    return {**raw, "train": {**raw["train"], **profiles[profile]}}
-
-
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found (run kdas from the project root, or pass --params)")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
-    params = _build(Params, _apply_profile(raw), str(path))
-    if params.distill.method not in ("none", "sgm", "kdas"):
-        raise ParamsError(f"{path}: distill.method must be none, sgm or kdas, not '{params.distill.method}'")
+    try:
+        with path.open() as fh:
+            raw = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    params = _build(Params, raw, str(path))
+    _check_values(params, str(path))
     return params
+
+
+def profile_updates(params: Params, name: str) -> dict[str, Any]:
+    """The dotted keys a named profile (params.yaml `profiles`) sets."""
+    if name not in params.profiles:
+        raise ParamsError(f"unknown profile {name!r}; params.yaml defines: {', '.join(params.profiles) or 'none'}")
+    return dict(params.profiles[name])
+
+
+def use_profile(name: str, path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Write a profile's keys into params.yaml (as `dvc exp run -S` would): the file then
+    says what runs, and DVC sees every changed key. Returns the keys set."""
+    updates = profile_updates(load_params(path), name)
+    set_params(updates, path)
+    return updates
 
 
 def set_params(updates: dict[str, Any], path: str | Path = DEFAULT_PARAMS) -> bool:

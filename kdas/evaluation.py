@@ -1,8 +1,13 @@
 """`kdas evaluate`: a model on every test set of the manifest, scored by the standard
 protocol, plus its efficiency on the device used, plots and a picture grid.
 
+Maps are scored under both preparations of kdas.inference: `calibrated` (what the model
+outputs when deployed: metrics.json's "datasets", the plots and the promotion gate) and
+`published` (as the official test scripts prepare them: metrics.json's "published", the
+one to compare with papers).
+
 Outputs (reports/evaluate/ by default):
-  metrics.json    per test set + their mean (DVC metrics)
+  metrics.json    per test set + their mean, both preparations (DVC metrics)
   per_image.csv   every image's own figures
   curves.csv      Dice and IoU against threshold: per test set and their mean (DVC plots)
   datasets.csv    one row per test set (DVC bar plot)
@@ -27,7 +32,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from kdas.inference import Segmenter  # noqa: E402
+from kdas.inference import PREPARATIONS, Segmenter, prepare  # noqa: E402
 from kdas.io import atomic_path, binarise, read_mask, read_rgb, write_text  # noqa: E402
 from kdas.metrics import Evaluator  # noqa: E402
 from kdas.models import count_macs, count_parameters  # noqa: E402
@@ -87,26 +92,32 @@ def evaluate_model(seg: Segmenter, manifest: pd.DataFrame, out_dir: str | Path, 
     if tests.empty:
         raise ValueError("the manifest has no test images; check data.datasets and data.split in params.yaml")
     metrics: dict[str, dict] = {}
+    published: dict[str, dict] = {}
     per_image, curves, cases = [], [], []
     for dataset, rows in tests.groupby("dataset", sort=True):
-        evaluator = Evaluator()
+        evaluator, paper = Evaluator(), Evaluator()
         records = list(rows.itertuples())
         for start in tqdm(range(0, len(records), batch_size), desc=f"evaluate {dataset}", unit="batch", disable=None):
             chunk = records[start : start + batch_size]
             images = [read_rgb(r.image_path) for r in chunk]
-            for r, image, prob in zip(chunk, images, seg.predict(images, batch_size)):
+            for r, image, logits in zip(chunk, images, seg.logits(images, batch_size)):
                 truth = binarise(read_mask(r.mask_path))
-                pred = to_8bit(prob)
+                pred = to_8bit(prepare(logits, "calibrated"))
                 scores = evaluator.add(str(r.id), pred, truth)
+                paper.add(str(r.id), to_8bit(prepare(logits, "published")), truth)
                 cases.append((float(scores.dice.mean()), str(dataset), r.image_path, truth, pred))
         summary = evaluator.summary()
         metrics[str(dataset)] = {k: summary[k] for k in HEADLINE} | {"images": len(evaluator)}
+        published[str(dataset)] = {k: paper.summary()[k] for k in HEADLINE} | {"images": len(paper)}
         per_image.append(evaluator.per_image().assign(dataset=dataset))
         curves.append(evaluator.curves()[["threshold", "dice", "iou"]].assign(dataset=dataset))
-        log.info("%s: meanDic %.4f, meanIoU %.4f, MAE %.4f (%d images)", dataset, summary["meanDic"], summary["meanIoU"], summary["mae"], len(evaluator))
-    metrics["mean"] = {k: float(np.mean([m[k] for m in metrics.values()])) for k in HEADLINE}
+        log.info("%s: meanDic %.4f (published maps %.4f), meanIoU %.4f, MAE %.4f (%d images)", dataset, summary["meanDic"],
+                 published[str(dataset)]["meanDic"], summary["meanIoU"], summary["mae"], len(evaluator))
+    for table in (metrics, published):
+        table["mean"] = {k: float(np.mean([m[k] for m in table.values()])) for k in HEADLINE}
     efficiency = measure_efficiency(seg, batch_size)
-    result = {"datasets": metrics, "efficiency": asdict(efficiency)}
+    result = {"preparation": {"datasets": f"calibrated: {PREPARATIONS['calibrated']}", "published": f"published: {PREPARATIONS['published']}"},
+              "datasets": metrics, "published": published, "efficiency": asdict(efficiency)}
     _write(out_dir, result, pd.concat(per_image), pd.concat(curves), cases, grid_size)
     return result
 

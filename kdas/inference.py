@@ -1,6 +1,13 @@
-"""Images in, probability maps out: the one inference path behind evaluate, predict and
-the served MLflow model. The map is sigmoid(P1 + P2) at the model's training size,
-resized back to each image's own size (no min-max rescaling: an empty frame stays empty)."""
+"""Images in, maps out: the one inference path behind evaluate, predict and the served
+MLflow model. The model sees each image resized to its training size; its logits
+(P1 + P2) are upsampled back to the image's own size, in fp32, then prepared:
+
+- ``calibrated``: the sigmoid, i.e. the probability a deployed model outputs (an empty
+  frame stays empty). predict and serving use it.
+- ``published``: as the official Polyp-PVT / KDAS test scripts prepare the maps they
+  score: the sigmoid min-max normalised per image to [0, 1] (then saved as 8-bit PNG).
+  Published numbers are measured on such maps; compare with papers on these.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,22 @@ import torch.nn.functional as F
 
 from kdas.checkpoint import ModelFile, load_model
 from kdas.data.transforms import resize, to_tensor
-from kdas.device import autocast, select_device
+from kdas.device import select_device
+
+PREPARATIONS = {
+    "calibrated": "sigmoid of the logits upsampled to the image size (what a deployed model outputs)",
+    "published": "as the official test scripts: sigmoid of the upsampled logits, min-max normalised per image",
+}
+
+
+def prepare(logits: np.ndarray, preparation: str) -> np.ndarray:
+    """HxW logits -> HxW float32 map in [0, 1], prepared as named (see PREPARATIONS)."""
+    if preparation not in PREPARATIONS:
+        raise ValueError(f"unknown map preparation {preparation!r}; expected one of {', '.join(PREPARATIONS)}")
+    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+    if preparation == "published":
+        prob = (prob - prob.min()) / (prob.max() - prob.min() + 1e-8)
+    return prob.astype(np.float32)
 
 
 class Segmenter:
@@ -28,16 +50,18 @@ class Segmenter:
         return cls(load_model(path, dev), dev)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-        """HxWx3 uint8 images -> HxW float32 foreground probabilities in [0, 1]."""
+    def logits(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """HxWx3 uint8 images -> HxW float32 logits of P1 + P2 at each image's size (fp32)."""
         out: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             x = torch.stack([to_tensor(resize(im, self.image_size)) for im in chunk]).to(self.device)
-            with autocast(self.device):
-                p1, p2 = self.model(x)
-            probs = torch.sigmoid((p1 + p2).float())
-            for im, prob in zip(chunk, probs):
-                full = F.interpolate(prob[None], size=im.shape[:2], mode="bilinear", align_corners=False)
+            p1, p2 = self.model(x)
+            for im, logit in zip(chunk, (p1 + p2).float()):
+                full = F.interpolate(logit[None], size=im.shape[:2], mode="bilinear", align_corners=False)
                 out.append(full[0, 0].cpu().numpy())
         return out
+
+    def predict(self, images: Sequence[np.ndarray], batch_size: int = 8, preparation: str = "calibrated") -> list[np.ndarray]:
+        """HxWx3 uint8 images -> HxW float32 maps in [0, 1] (calibrated: probabilities)."""
+        return [prepare(logit, preparation) for logit in self.logits(images, batch_size)]

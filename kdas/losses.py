@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 METHODS = ("none", "sgm", "kdas")
+ATTENTIONS = ("spatial", "pairwise")
 
 
 def _check_map(name: str, x: Tensor) -> None:
@@ -39,12 +40,13 @@ def _pool(x: Tensor, pool_stride: int) -> Tensor:
     return F.avg_pool2d(x, kernel_size=pool_stride, stride=pool_stride)
 
 
-def structure_loss(logits: Tensor, mask: Tensor) -> Tensor:
+def structure_loss(logits: Tensor, mask: Tensor, weighted_bce: bool = True) -> Tensor:
     """PraNet / Polyp-PVT structure loss: boundary-weighted BCE + weighted IoU, batch mean.
 
     The weight ``1 + 5 * |avgpool31(mask) - mask|`` emphasises pixels near mask boundaries.
-    Unlike the official code (whose legacy ``reduce='none'`` argument makes the BCE an
-    already-averaged scalar, so the weights are lost), the weights are applied per pixel.
+    The official code's legacy ``reduce='none'`` argument makes its BCE an already-averaged
+    scalar, so the weights are lost there; ``weighted_bce=False`` reproduces that (a plain
+    mean BCE), the default applies them per pixel.
     """
     _check_map("logits", logits)
     if mask.shape != logits.shape:
@@ -53,7 +55,7 @@ def structure_loss(logits: Tensor, mask: Tensor) -> Tensor:
     mask = mask.float()
     weight = 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel_size=31, stride=1, padding=15) - mask)
     bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
-    wbce = (weight * bce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
+    wbce = (weight * bce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)) if weighted_bce else bce.mean(dim=(2, 3))
 
     prob = torch.sigmoid(logits)
     inter = (prob * mask * weight).sum(dim=(2, 3))
@@ -77,9 +79,46 @@ def _attention_log_probs(logits: Tensor, tau: float, pool_stride: int) -> Tensor
 
 
 def attention_supervision(
+    student_logits: Tensor, teacher_logits: Tensor, tau: float, pool_stride: int, kind: str = "spatial"
+) -> Tensor:
+    """KDAS attention supervision for one prediction map: ``kind`` is ``"spatial"``
+    (:func:`spatial_attention_supervision`) or ``"pairwise"`` (:func:`pairwise_attention_supervision`)."""
+    if kind == "spatial":
+        return spatial_attention_supervision(student_logits, teacher_logits, tau)
+    if kind == "pairwise":
+        return pairwise_attention_supervision(student_logits, teacher_logits, tau, pool_stride)
+    raise ValueError(f"unknown attention supervision {kind!r}; expected one of {', '.join(ATTENTIONS)}")
+
+
+def refined_map(logits: Tensor) -> Tensor:
+    """The teacher's self-attention-refined map, as the official code builds it: each row
+    of the H x W logit map attends to every row, ``softmax(P P^T / sqrt(W)) P``."""
+    p = logits.float().squeeze(1)  # B x H x W: rows are tokens, columns their features
+    weights = torch.softmax(p @ p.transpose(1, 2) / p.shape[-1] ** 0.5, dim=-1)
+    return (weights @ p).unsqueeze(1)
+
+
+def spatial_attention_supervision(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
+    """Attention supervision in the shape of the official code, with a real gradient.
+
+    The teacher's self-attention-refined map (:func:`refined_map`) and the student's map
+    each become a distribution over the H*W positions by a softmax at temperature ``tau``;
+    the loss is ``KL(teacher || student) * tau**2``, averaged over the batch. (The official
+    code takes the student's softmax over a channel axis of size 1, a constant, so its KL
+    gives the student no gradient.) The teacher is detached.
+    """
+    _check_pair(student_logits, teacher_logits)
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    log_q = F.log_softmax(student_logits.float().flatten(1) / tau, dim=1)
+    log_p = F.log_softmax(refined_map(teacher_logits.detach()).flatten(1) / tau, dim=1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * tau**2
+
+
+def pairwise_attention_supervision(
     student_logits: Tensor, teacher_logits: Tensor, tau: float, pool_stride: int
 ) -> Tensor:
-    """KDAS attention supervision for one prediction map.
+    """Attention supervision on the pairwise self-attention map of each prediction map.
 
     Both logit maps are average-pooled by ``pool_stride`` and flattened to N
     positions; the self-attention map ``A = P^T P`` (N x N) becomes, row by row, a
@@ -131,6 +170,8 @@ def distillation_loss(
     alpha: float,
     tau: float,
     pool_stride: int,
+    attention: str,
+    weighted_bce: bool,
 ) -> dict[str, Tensor]:
     """The training loss of a (P1, P2) model, with its components for logging.
 
@@ -157,7 +198,7 @@ def distillation_loss(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     s1, s2 = student_out
-    structure = structure_loss(s1, mask) + structure_loss(s2, mask)
+    structure = structure_loss(s1, mask, weighted_bce) + structure_loss(s2, mask, weighted_bce)
     zero = structure.new_zeros(())
     if method == "none":
         return {"loss": structure, "structure": structure, "attention": zero, "sgm": zero}
@@ -167,10 +208,10 @@ def distillation_loss(
     t1, t2 = (t.detach() for t in teacher_out)
     sgm = symmetric_guiding(s1, t1, pool_stride) + symmetric_guiding(s2, t2, pool_stride)
     if method == "kdas":
-        attention = attention_supervision(s1, t1, tau, pool_stride) + attention_supervision(
-            s2, t2, tau, pool_stride
+        attended = attention_supervision(s1, t1, tau, pool_stride, attention) + attention_supervision(
+            s2, t2, tau, pool_stride, attention
         )
     else:
-        attention = zero
-    loss = (1 - alpha) * structure + alpha * (attention + sgm)
-    return {"loss": loss, "structure": structure, "attention": attention, "sgm": sgm}
+        attended = zero
+    loss = (1 - alpha) * structure + alpha * (attended + sgm)
+    return {"loss": loss, "structure": structure, "attention": attended, "sgm": sgm}

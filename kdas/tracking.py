@@ -723,7 +723,7 @@ def register_model(
     model_file = Path(model_file)
     serving_config = _serving_config(serving_config)  # fail before touching the registry
     loaded = load_model(model_file)  # (a bad file, too)
-    tags = {**metric_tags(metrics), "kdas.arch": loaded.arch, "kdas.image_size": str(loaded.image_size)}
+    tags = {**metric_tags(metrics), "kdas.arch": loaded.config["arch"], "kdas.backbone": loaded.config["backbone"], "kdas.image_size": str(loaded.image_size)}
     client = _client()
     active = mlflow.active_run()
     if run_id and not (active and active.info.run_id == run_id):

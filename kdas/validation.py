@@ -20,6 +20,7 @@ import pandas as pd
 
 from kdas.config import ValidationParams
 from kdas.data.catalog import CATALOG
+from kdas.data.splits import hamming
 from kdas.io import write_text
 
 log = logging.getLogger(__name__)
@@ -148,24 +149,20 @@ def _counts(df: pd.DataFrame, report: ValidationReport) -> None:
     report.rules.append(RuleResult("release_count", "warning", "catalogued datasets have their release's number of pairs", expected_total))
 
 
-def _hamming(hashes: np.ndarray) -> np.ndarray:
-    x = hashes[:, None] ^ hashes[None, :]
-    return np.unpackbits(x.view(np.uint8).reshape(len(hashes), len(hashes), 8), axis=2).sum(2)
-
-
 def _leakage(df: pd.DataFrame, params: ValidationParams, report: ValidationReport) -> None:
     """Exact copies across splits are errors; near-duplicates (video frames of the same polyp,
     present in the published PraNet split itself) are warnings, listed for the reader."""
     ok = df[df["image_sha256"].notna() & df["phash"].notna()].reset_index(drop=True)
     split = ok["split"].to_numpy(dtype=object)
     exact = ok["image_sha256"].to_numpy(dtype=object)
-    counts = {"duplicate_across_splits": 0, "near_duplicate_across_splits": 0, "duplicate_within_split": 0}
-    dist = _hamming(np.array([int(h, 16) for h in ok["phash"]], dtype=np.uint64)) if len(ok) else np.zeros((0, 0))
+    pairs = ("train_val", "test_train", "test_val")
+    counts = {"duplicate_across_splits": 0, "duplicate_within_split": 0, **{f"near_duplicate_{p}": 0 for p in pairs}}
+    dist = hamming(np.array([int(h, 16) for h in ok["phash"]], dtype=np.uint64)) if len(ok) else np.zeros((0, 0))
     for i, j in zip(*np.nonzero(np.triu(dist <= params.near_duplicate_distance, k=1))):
         a, b = ok.loc[i], ok.loc[j]
         same_bytes = exact[i] == exact[j]
         if split[i] != split[j]:
-            rule = "duplicate_across_splits" if same_bytes else "near_duplicate_across_splits"
+            rule = "duplicate_across_splits" if same_bytes else f"near_duplicate_{'_'.join(sorted((split[i], split[j])))}"
             severity = "error" if same_bytes else "warning"
         elif same_bytes:
             rule, severity = "duplicate_within_split", "warning"
@@ -176,7 +173,8 @@ def _leakage(df: pd.DataFrame, params: ValidationParams, report: ValidationRepor
         report.findings.append(Finding(rule, severity, a["image_path"], f"{what} of {b['image_path']}: {split[i]} vs {split[j]}"))
     report.rules += [
         RuleResult("duplicate_across_splits", "error", "no image is in two splits", counts["duplicate_across_splits"]),
-        RuleResult("near_duplicate_across_splits", "warning", "no near-duplicate image in two splits", counts["near_duplicate_across_splits"]),
+        *(RuleResult(f"near_duplicate_{p}", "warning", f"no near-duplicate image in both {' and '.join(p.split('_'))}",
+                     counts[f"near_duplicate_{p}"]) for p in pairs),
         RuleResult("duplicate_within_split", "warning", "no image twice in one split", counts["duplicate_within_split"]),
     ]
 

@@ -8,7 +8,9 @@ Run it once (an ephemeral Prefect server starts by itself):
     python -m pipelines.retrain --profile paper --datasets kvasir-seg cvc-clinicdb cvc-colondb
 
 Stages are never defined here: each task runs `dvc repro --single-item <stage>`, so DVC
-keeps its cache and lineage and skips a stage whose inputs did not change.
+keeps its cache and lineage and skips a stage whose inputs did not change. SIGTERM or
+SIGINT to the flow is passed on to the running stage (and all it started) and waited for,
+so DVC's lock is released before the flow stops.
 """
 
 from __future__ import annotations
@@ -19,20 +21,26 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from kdas import tracking
-from kdas.config import load_params, set_params
+from kdas.config import load_params, profile_updates, set_params
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
+STOP_GRACE_S = 30  # how long a signalled stage may take to exit before it is killed
+
+_children: set[subprocess.Popen] = set()  # the commands running now (each leads its own process group)
 
 
 class WorkspaceBusy(RuntimeError):
@@ -77,16 +85,63 @@ def _lock_entry(workspace: Path, stage: str) -> dict | None:
 def _run(cmd: list[str], workspace: Path) -> list[str]:
     """Run a command, its output streamed to the flow's log; returns that output."""
     logger = get_run_logger()
-    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own process group: a signal forwarded to it reaches dvc and the stage it runs
+    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    _children.add(proc)
     lines: list[str] = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        line = line.rstrip()
-        if line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
-            logger.info(line)
-            lines.append(line)
-    if proc.wait() != 0:
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            line = line.rstrip()
+            if line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
+                logger.info(line)
+                lines.append(line)
+        proc.wait()
+    finally:
+        _children.discard(proc)
+    if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(lines[-15:]))
     return lines
+
+
+def _stop_children(signum: int, frame: object) -> None:
+    """Pass the signal on to every running command's process group, wait until all of them
+    have exited (DVC then no longer holds its lock), then stop the flow."""
+    procs = []
+    for child in list(_children):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in list(_children):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(max(0.0, deadline - time.monotonic()))
+
+    def alive(p: psutil.Process) -> bool:  # an exited orphan may stay a zombie where nothing reaps it
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return p.status() != psutil.STATUS_ZOMBIE
+        return False
+
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in filter(alive, procs):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def forwarding_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGINT stop the running stage cleanly, then the flow (main thread only)."""
+    previous = {sig: signal.signal(sig, _stop_children) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE)
@@ -146,7 +201,8 @@ def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, d
     params = load_params(workspace / "params.yaml")
     manifest = (_lock_entry(workspace, "manifest") or {}).get("outs", [{}])[0].get("md5", "?")
     lines = ["# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
-             f"- profile: `{params.train.profile}`, distillation: `{params.distill.method}`",
+             f"- teacher: {params.model.teacher.backbone}, student: {params.model.student.backbone}, "
+             f"{params.train.image_size} px, {params.train.epochs} epochs, distillation: `{params.distill.method}`",
              f"- up to date, skipped: {', '.join(skipped) or 'none'}\n"]
     for role, decision in decisions.items():
         metrics = json.loads((workspace / "reports" / "evaluate" / role / "metrics.json").read_text())["datasets"]
@@ -170,19 +226,19 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
     """Validate the data, train (or reuse) the teacher, distil the student, evaluate, register,
     and promote what passes the gate.
 
-    profile: train.profile to use (cpu, paper); datasets: data.datasets; nproc_per_node:
+    profile: a named profile of params.yaml (paper, real-cpu); datasets: data.datasets; nproc_per_node:
     train.nproc_per_node (> 1 trains under torchrun, e.g. one process per GPU); each is
     written to params.yaml, as `dvc exp run -S` would. retrain_teacher=False distils from
     the registered teacher_uri instead of training a teacher.
     """
     root = Path(workspace).resolve()
-    updates = {"train.profile": profile, "data.datasets": datasets, "train.nproc_per_node": nproc_per_node}
-    updates = {k: v for k, v in updates.items() if v is not None}
+    updates = profile_updates(load_params(root / "params.yaml"), profile) if profile else {}
+    updates |= {k: v for k, v in {"data.datasets": datasets, "train.nproc_per_node": nproc_per_node}.items() if v is not None}
     with workspace_lock(root), contextlib.chdir(root):
         if updates and set_params(updates, root / "params.yaml"):
             get_run_logger().info("params.yaml updated: %s", updates)
         params = load_params(root / "params.yaml")
-        with tracking.pipeline_run("retrain", {"profile": params.train.profile, "datasets": params.data.datasets,
+        with tracking.pipeline_run("retrain", {"profile": profile or "", "datasets": params.data.datasets,
                                                "retrain_teacher": retrain_teacher}):
             stages = (["synth"] if "synth" in params.data.datasets else []) + ["manifest"]
             ran = {s: run_stage(s, root) for s in stages}
@@ -211,14 +267,15 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=retrain.__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", default=".", help="project folder (default: here)")
-    parser.add_argument("--profile", help="train.profile: cpu (default in params.yaml) or paper")
+    parser.add_argument("--profile", help="write a named profile of params.yaml first: paper or real-cpu (kdas params use)")
     parser.add_argument("--datasets", nargs="+", help="data.datasets, e.g. kvasir-seg cvc-clinicdb cvc-colondb")
     parser.add_argument("--nproc-per-node", type=int, help="train.nproc_per_node: train data-parallel under torchrun")
     parser.add_argument("--reuse-teacher", action="store_true", help="distil from the registered teacher instead of training one")
     parser.add_argument("--teacher-uri", default="models:/kdas-teacher@champion")
     args = parser.parse_args(argv)
-    retrain(workspace=args.workspace, profile=args.profile, datasets=args.datasets, retrain_teacher=not args.reuse_teacher,
-            teacher_uri=args.teacher_uri, nproc_per_node=args.nproc_per_node)
+    with forwarding_signals():
+        retrain(workspace=args.workspace, profile=args.profile, datasets=args.datasets, retrain_teacher=not args.reuse_teacher,
+                teacher_uri=args.teacher_uri, nproc_per_node=args.nproc_per_node)
     print("\nWhere to look:\n"
           f"  reports:  {Path(args.workspace, 'reports').resolve()}/ (validation.html, evaluate/*/grid.png ...)\n"
           "  DVC:      dvc metrics show; dvc plots show (opens dvc_plots/index.html)\n"

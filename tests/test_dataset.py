@@ -35,7 +35,7 @@ def test_synth_polyps_are_not_a_colour_threshold():
 
 def test_dataset_yields_normalised_images_and_binary_masks(tmp_path):
     make_dataset(tmp_path / "raw" / "ds", n=4, img_ext=".jpg", mask_ext=".jpg")
-    rows = build_manifest(tmp_path / "raw", ["ds"], SplitParams(0, 0, 0), workers=1)
+    rows = build_manifest(tmp_path / "raw", ["ds"], SplitParams(0, 0, 0), near_duplicate_distance=4, workers=1)
     plain = PolypDataset(rows, size=64, augment=False)
     image, mask = plain[0]
     assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and mask.shape == (1, 64, 64)

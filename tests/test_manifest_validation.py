@@ -23,7 +23,7 @@ def vparams(workdir):
 
 
 def check(raw, vparams, datasets=("ds",)):
-    df = build_manifest(raw, list(datasets), SPLIT, workers=1)
+    df = build_manifest(raw, list(datasets), SPLIT, near_duplicate_distance=4, workers=1)
     return df, validate_manifest(df, vparams)
 
 
@@ -45,21 +45,21 @@ def test_good_dataset_passes_and_reports_are_written(tmp_path, vparams):
 
 def test_splits_are_seeded_and_stable(tmp_path):
     make_dataset(tmp_path / "raw" / "ds", n=20)
-    a = build_manifest(tmp_path / "raw", ["ds"], SPLIT, workers=1)
-    b = build_manifest(tmp_path / "raw", ["ds"], SPLIT, workers=1)
+    a = build_manifest(tmp_path / "raw", ["ds"], SPLIT, near_duplicate_distance=4, workers=1)
+    b = build_manifest(tmp_path / "raw", ["ds"], SPLIT, near_duplicate_distance=4, workers=1)
     assert a["split"].tolist() == b["split"].tolist()
     assert a["split"].value_counts().to_dict() == {"train": 11, "test": 6, "val": 3}
-    c = build_manifest(tmp_path / "raw", ["ds"], SplitParams(0.2, 0.3, seed=2), workers=1)
+    c = build_manifest(tmp_path / "raw", ["ds"], SplitParams(0.2, 0.3, seed=2), near_duplicate_distance=4, workers=1)
     assert a["split"].tolist() != c["split"].tolist()
 
 
 def test_manifest_reads_only_changed_files(tmp_path, caplog):
     raw = make_dataset(tmp_path / "raw" / "ds", n=6).parent
-    first = build_manifest(raw, ["ds"], SPLIT, workers=1)
+    first = build_manifest(raw, ["ds"], SPLIT, near_duplicate_distance=4, workers=1)
     write_manifest(first, tmp_path / "m.parquet")
     write_pair(raw / "ds" / "images", raw / "ds" / "masks", "img03", seed=99, size=(100, 90))
     with caplog.at_level("INFO"):
-        second = build_manifest(raw, ["ds"], SPLIT, read_manifest(tmp_path / "m.parquet"), workers=1)
+        second = build_manifest(raw, ["ds"], SPLIT, read_manifest(tmp_path / "m.parquet"), near_duplicate_distance=4, workers=1)
     assert "6 pairs, 5 unchanged, 1 to read" in caplog.text
     changed = second.set_index("id").loc["img03"]
     assert (changed["width"], changed["height"]) == (100, 90)
@@ -119,7 +119,7 @@ def test_rgba_grayscale_and_16_bit_pass_as_three_channels(tmp_path, vparams):
 
 def test_same_image_in_train_and_test_fails(tmp_path, vparams):
     raw = make_dataset(tmp_path / "raw" / "ds", n=10).parent
-    df = build_manifest(raw, ["ds"], SPLIT, workers=1)
+    df = build_manifest(raw, ["ds"], SPLIT, near_duplicate_distance=4, workers=1)
     train_id = df.loc[df["split"] == "train", "id"].iloc[0]
     test_id = df.loc[df["split"] == "test", "id"].iloc[0]
     shutil.copy(raw / "ds" / "images" / f"{train_id}.png", raw / "ds" / "images" / f"{test_id}.png")
@@ -138,7 +138,7 @@ def test_empty_mask_is_a_warning_only(tmp_path, vparams):
 
 def test_missing_split_fails(tmp_path, vparams):
     raw = make_dataset(tmp_path / "raw" / "ds", n=2).parent
-    df = build_manifest(raw, ["ds"], SplitParams(0.0, 0.0, 0), workers=1)
+    df = build_manifest(raw, ["ds"], SplitParams(0.0, 0.0, 0), near_duplicate_distance=4, workers=1)
     report = validate_manifest(df, vparams)
     assert {f.detail.split(";")[0] for f in failing(report, "splits_present")} == {"no 'val' images", "no 'test' images"}
 
@@ -149,5 +149,5 @@ def test_the_same_files_give_the_same_manifest_in_any_clone(tmp_path, monkeypatc
     frames = []
     for clone in ("a", "b"):
         monkeypatch.chdir(tmp_path / clone)
-        frames.append(build_manifest("raw", ["ds"], SPLIT, workers=1))
+        frames.append(build_manifest("raw", ["ds"], SPLIT, near_duplicate_distance=4, workers=1))
     assert frames[0].equals(frames[1])

@@ -70,7 +70,7 @@ def project(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "student.pt"
-    return save_model(path, create_model(TINY), arch=TINY, image_size=64, info={})
+    return save_model(path, create_model(TINY), image_size=64, info={})
 
 
 def aliases(name: str) -> dict[str, str]:
@@ -176,14 +176,14 @@ def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Pa
     assert path.is_file() and path.is_relative_to(project / ".cache" / "kdas" / "models")
     assert path.read_bytes() == model_file.read_bytes()
     loaded = load_model(path)
-    assert (loaded.arch, loaded.image_size) == (TINY, 64)
+    assert (loaded.config["backbone"], loaded.image_size) == ("test_convnext", 64)
     # the same version by number, and by its run, is the same file; cached: no second download
     written = path.stat().st_mtime_ns
     assert tracking.resolve_model_file(f"models:/{name}/{v1.version}") == path
     assert path.stat().st_mtime_ns == written
     assert tracking.resolve_model_file(f"runs:/{v1.run_id}/model").read_bytes() == path.read_bytes()
     # the alias moves with a new version: so does the file it resolves to
-    other = save_model(project / "other.pt", create_model(TINY), arch=TINY, image_size=96, info={})
+    other = save_model(project / "other.pt", create_model(TINY), image_size=96, info={})
     tracking.register_model(other, name, {"kvasir/meanDic": 0.8})
     moved = tracking.resolve_model_file(f"models:/{name}@challenger/")
     assert moved != path and load_model(moved).image_size == 96

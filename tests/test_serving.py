@@ -49,7 +49,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) ->
             mp.setenv(key, value)
         mp.delenv(tracking.PARENT_RUN_ENV, raising=False)
         mp.delenv(tracking.EXPERIMENT_ENV, raising=False)
-        model_file = save_model(root / "student.pt", create_model(TINY), arch=TINY, image_size=64, info={})
+        model_file = save_model(root / "student.pt", create_model(TINY), image_size=64, info={})
         tracking.register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, serving_config={"max_side": 1024})
         assert tracking.promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
         yield uri

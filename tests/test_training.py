@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdas.checkpoint import load_model, save_model
-from kdas.config import DistillParams, SplitParams, SynthParams, TrainParams
+from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, TrainParams
 from kdas.data.dataset import PolypDataset
 from kdas.data.manifest import build_manifest
 from kdas.data.synth import write_synth
@@ -22,20 +22,22 @@ from kdas.models import create_model
 from kdas.training import TrainJob, train
 from kdas.training.engine import scaled_size
 
-TINY = TrainParams(profile="cpu", image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=1e-4, grad_clip=0.5,
-                   multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True)
-NONE = DistillParams(method="none", alpha=0.3, tau=2.0, pool_stride=8)
+TINY = TrainParams(image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=1e-4, grad_clip=0.5,
+                   multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True,
+                   augment=True, weighted_bce=True)
+NONE = DistillParams(method="none", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8)
+TINY_MODEL = RoleModel(arch="polyp_pvt_tiny", backbone=None, weights="none", drop_path_rate=0.0)
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     write_synth(root / "raw" / "synth", SynthParams(n_images=16, size=64, empty_fraction=0.0, seed=0))
-    return build_manifest(root / "raw", ["synth"], SplitParams(val_fraction=0.25, test_fraction=0.2, seed=0), workers=1)
+    return build_manifest(root / "raw", ["synth"], SplitParams(val_fraction=0.25, test_fraction=0.2, seed=0), near_duplicate_distance=4, workers=1)
 
 
 def job(manifest, out, **kw):
-    return TrainJob(**{"role": "student", "arch": "polyp_pvt_tiny", "manifest": manifest, "out_dir": out, "train": TINY, "distill": NONE, **kw})
+    return TrainJob(**{"role": "student", "model": TINY_MODEL, "manifest": manifest, "out_dir": out, "train": TINY, "distill": NONE, **kw})
 
 
 def test_multiscale_sizes_round_to_the_stride():
@@ -52,7 +54,7 @@ def test_a_student_overfits_four_synthetic_images(manifest):
     model = create_model("polyp_pvt_b0")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(120):
-        loss = distillation_loss("none", model(images), None, masks, alpha=0.3, tau=2.0, pool_stride=8)["loss"]
+        loss = distillation_loss("none", model(images), None, masks, alpha=0.3, tau=2.0, pool_stride=8, attention="spatial", weighted_bce=True)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -91,7 +93,7 @@ def test_early_stopping_and_selection_follow_the_val_score(manifest, tmp_path, m
 
 @pytest.mark.parametrize("method", ["sgm", "kdas"])
 def test_distillation_keeps_the_teacher_frozen(manifest, tmp_path, method):
-    teacher_file = save_model(tmp_path / "teacher.pt", create_model("polyp_pvt_tiny"), arch="polyp_pvt_tiny", image_size=64)
+    teacher_file = save_model(tmp_path / "teacher.pt", create_model("polyp_pvt_tiny"), image_size=64)
     before = torch.load(teacher_file, weights_only=True)["state_dict"]
     distill = dataclasses.replace(NONE, method=method)
     result = train(job(manifest, tmp_path / "out", distill=distill, teacher=teacher_file, train=dataclasses.replace(TINY, epochs=1)))
@@ -109,10 +111,10 @@ def test_distillation_without_a_teacher_is_refused(manifest, tmp_path):
 RUN_SCRIPT = """
 import sys, pandas as pd
 from pathlib import Path
-from kdas.config import TrainParams, DistillParams
+from kdas.config import TrainParams, DistillParams, RoleModel
 from kdas.training import TrainJob, train
-train(TrainJob(role="student", arch="polyp_pvt_tiny", manifest=pd.read_parquet(sys.argv[1]), out_dir=Path(sys.argv[2]),
-      train=TrainParams(**eval(sys.argv[3])), distill=DistillParams("none", 0.3, 2.0, 8), resume="--resume" in sys.argv))
+train(TrainJob(role="student", model=RoleModel("polyp_pvt_tiny", None, "none", 0.0), manifest=pd.read_parquet(sys.argv[1]), out_dir=Path(sys.argv[2]),
+      train=TrainParams(**eval(sys.argv[3])), distill=DistillParams("none", "spatial", 0.3, 2.0, 8), resume="--resume" in sys.argv))
 """
 
 
@@ -131,7 +133,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(manifest, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    done = torch.load(killed / "last.ckpt", weights_only=False)["epoch"] + 1
+    done = torch.load(killed / "last.ckpt", weights_only=True)["epoch"] + 1
     assert done < params.epochs, "the run finished before it could be killed"
     assert not (killed / "history.csv").exists()
 
@@ -141,6 +143,24 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(manifest, tmp_path):
     assert a["info"] == b["info"]
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert (tmp_path / "straight" / "history.csv").read_text().count("\n") == (killed / "history.csv").read_text().count("\n")
+
+
+class _Exploit:
+    """Unpickling this runs a shell command (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_resume_checkpoint_never_runs_code(manifest, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model_config": {}, "method": "none", "payload": _Exploit(marker)}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="not a kdas training checkpoint"):
+        train(job(manifest, tmp_path, resume=True))
+    assert not marker.exists()
 
 
 def test_two_process_gloo_run_trains_and_writes_one_checkpoint(manifest, tmp_path):
@@ -159,4 +179,4 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(manifest, tmp_pat
     files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert files == ["best.pt", "history.csv", "last.ckpt", "metrics.json"]
     assert "train_loss" in (tmp_path / "ddp" / "history.csv").read_text()
-    assert load_model(tmp_path / "ddp" / "best.pt").arch == "polyp_pvt_tiny"
+    assert load_model(tmp_path / "ddp" / "best.pt").config["backbone"] == "test_convnext"

@@ -93,7 +93,9 @@ def list_pairs(raw_root: Path, dataset: str) -> list[tuple[str, str, str]]:
     return [(k, images.get(k, ""), masks.get(k, "")) for k in sorted(set(images) | set(masks))]
 
 
-def build_manifest(raw_root: str | Path, datasets: list[str], split: SplitParams, previous: pd.DataFrame | None = None, workers: int | None = None) -> pd.DataFrame:
+def build_manifest(raw_root: str | Path, datasets: list[str], split: SplitParams, previous: pd.DataFrame | None = None,
+                   workers: int | None = None, *, near_duplicate_distance: int) -> pd.DataFrame:
+    """Describe every pair and assign splits; val is drawn by near-duplicate group (splits.py)."""
     raw_root = Path(raw_root)
     listed = [(ds, i, img, mask) for ds in datasets for i, img, mask in list_pairs(raw_root, ds)]
     cached: dict[tuple, dict] = {}
@@ -116,7 +118,7 @@ def build_manifest(raw_root: str | Path, datasets: list[str], split: SplitParams
     for (ds, i, _, _), row in zip(listed, rows):
         row.update(dataset=ds, id=i)
     df = pd.DataFrame(rows)
-    df["split"] = assign_splits(df, split) if len(df) else pd.Series(dtype="str")
+    df["split"] = assign_splits(df, split, near_duplicate_distance) if len(df) else pd.Series(dtype="str")
     first = ["dataset", "id", "split", "image_path", "mask_path", "width", "height", "channels", "mode", "mask_width", "mask_height",
              "foreground_fraction", "nonbinary_fraction", "mean_r", "mean_g", "mean_b", "image_sha256", "phash", "error"]
     for col in first:

@@ -1,5 +1,6 @@
 """albumentations pipelines. Images reach them already resized to the training size
-(the Dataset caches them so), so augmentation works on small arrays."""
+(the Dataset caches them so), so augmentation works on small arrays. Tensors leave here
+as RGB in [0, 1]: each model normalises its input itself (see kdas.models.PolypPVT)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize(image: np.ndarray, size: int, *, mask: bool = False) -> np.ndarray:
@@ -31,8 +29,5 @@ def train_augment() -> A.Compose:
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 3xHxW float32, ImageNet-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    """HxWx3 uint8 -> 3xHxW float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)

@@ -14,7 +14,7 @@ The decoder follows the official ``lib/pvt.py`` of DengPingFan/Polyp-PVT:
 
 The backbone is ``timm.create_model(name, features_only=True)``; its
 ``feature_info.channels()`` sizes the reductions, so the same decoder runs on PVTv2-B2
-(teacher), PVTv2-B0 (student) or a tiny test backbone.
+(teacher), PVTv2-B0 (student), EfficientNet-Lite or a tiny test backbone.
 
 Faithful details worth knowing (they change neither the parameter count nor the MACs):
 ``BasicConv2d`` is conv + BN *without* the ReLU (the official module defines a ReLU and
@@ -33,6 +33,9 @@ from torch import nn
 
 #: The decoder reads strides 4, 8, 16 and 32: inputs must be multiples of this.
 OUTPUT_STRIDE = 32
+#: Normalisation of backbones whose timm config names none.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _EXPECTED_REDUCTIONS = [4, 8, 16, 32]
 
 
@@ -186,11 +189,17 @@ def check_input_size(height: int, width: int, multiple: int = OUTPUT_STRIDE) -> 
 class PolypPVT(nn.Module):
     """Polyp-PVT decoder over a 4-stage timm backbone; ``forward(x) -> (P1, P2)`` logits.
 
+    The model takes RGB images scaled to [0, 1] and normalises them itself with its
+    backbone's mean/std (timm's pretrained config for that backbone, as ``pretrained_cfg``
+    does): teacher and student may expect different normalisations (PVTv2: ImageNet
+    constants; EfficientNet-Lite: 0.5/0.5), and an exported graph carries it.
+
     Args:
         backbone: a timm model name with 4 feature stages at strides 4/8/16/32.
         channel: width of the decoder (32 in the paper).
         hub_pretrained: let timm download ImageNet weights (needs network access).
-        backbone_kwargs: extra keyword arguments for ``timm.create_model``.
+        drop_path_rate: the backbone's stochastic depth (0.1 in the official Polyp-PVT).
+        mean, std: input normalisation; default: timm's config for ``backbone``.
     """
 
     def __init__(
@@ -198,27 +207,30 @@ class PolypPVT(nn.Module):
         backbone: str,
         channel: int = 32,
         hub_pretrained: bool = False,
-        backbone_kwargs: dict | None = None,
+        drop_path_rate: float = 0.0,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         self.backbone_name = backbone
-        self.backbone = timm.create_model(
-            backbone, features_only=True, pretrained=hub_pretrained, **(backbone_kwargs or {})
-        )
+        self.channel = channel
+        kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        self.backbone = timm.create_model(backbone, features_only=True, pretrained=hub_pretrained, **kwargs)
+        cfg = timm.get_pretrained_cfg(backbone)
+        self.mean = tuple(float(v) for v in (mean or getattr(cfg, "mean", None) or IMAGENET_MEAN))
+        self.std = tuple(float(v) for v in (std or getattr(cfg, "std", None) or IMAGENET_STD))
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         channels = list(self.backbone.feature_info.channels())
         reductions = list(self.backbone.feature_info.reduction())
         if reductions[-4:] != _EXPECTED_REDUCTIONS:
             raise ValueError(
-                f"backbone {backbone!r} has feature strides {reductions}; Polyp-PVT needs 4 "
-                f"stages at strides {_EXPECTED_REDUCTIONS} (pass out_indices in backbone_kwargs "
-                "to select them)"
+                f"backbone {backbone!r} has feature strides {reductions}; Polyp-PVT needs its last 4 "
+                f"stages at strides {_EXPECTED_REDUCTIONS}"
             )
-        if len(reductions) > 4:  # e.g. a stride-2 stem stage first: use the last four
-            self._feature_slice = slice(len(reductions) - 4, len(reductions))
-            channels = channels[-4:]
-        else:
-            self._feature_slice = slice(0, 4)
-        c1, c2, c3, c4 = channels
+        # e.g. EfficientNet's stride-2 stage first: the decoder reads the last four
+        self._feature_slice = slice(len(reductions) - 4, len(reductions))
+        c1, c2, c3, c4 = channels[-4:]
 
         self.cim = CIM(c1)
         self.reduce1 = ConvBN(c1, channel, 1)
@@ -230,12 +242,18 @@ class PolypPVT(nn.Module):
         self.head_cfm = nn.Conv2d(channel, 1, 1)
         self.head_sam = nn.Conv2d(channel, 1, 1)
 
+    def config(self) -> dict:
+        """What rebuilds this model without params.yaml (saved in every model file)."""
+        return {"arch": "polyp_pvt", "backbone": self.backbone_name, "channel": self.channel,
+                "mean": list(self.mean), "std": list(self.std)}
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim != 4:
             raise ValueError(f"expected a B x C x H x W batch, got shape {tuple(x.shape)}")
         height, width = x.shape[-2:]
         check_input_size(height, width)
 
+        x = (x - self._mean) / self._std
         f4, f8, f16, f32 = self.backbone(x)[self._feature_slice]
 
         cim = self.cim(f4)
@@ -248,4 +266,3 @@ class PolypPVT(nn.Module):
         p1 = F.interpolate(self.head_cfm(cfm), size=(height, width), mode="bilinear")
         p2 = F.interpolate(self.head_sam(sam), size=(height, width), mode="bilinear")
         return p1, p2
-

@@ -122,6 +122,12 @@ def _match(
     return matched, unexpected
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a state_dict file (``.pth``/``.pt``/``.safetensors``), read safely."""
+    path = Path(path)
+    return _unwrap(_read_file(path), path)
+
+
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Load a backbone checkpoint into ``model.backbone`` (or ``model`` if it has none).
 
@@ -129,10 +135,13 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> LoadRepo
     ValueError if it cannot be read, matches no backbone tensor, or has tensors of the
     wrong shape (a checkpoint of another backbone size).
     """
-    path = Path(path)
+    return load_backbone_state(model, read_state_dict(path), Path(path))
+
+
+def load_backbone_state(model: nn.Module, raw: dict[str, torch.Tensor], path: Path) -> LoadReport:
+    """:func:`load_backbone_weights` on tensors already read from ``path``."""
     backbone = getattr(model, "backbone", model)
     arch = getattr(model, "backbone_name", None)
-    raw = _unwrap(_read_file(path), path)
 
     own = backbone.state_dict()
     own_keys = list(own)

@@ -8,11 +8,13 @@ What makes it trustworthy:
   optimiser, scheduler, scaler, RNG states, history), so a run killed at any moment
   resumes to the same result as an uninterrupted one (on CPU, same seed);
 - gradients are clipped by value like the official code (`clip_gradient`), the
-  learning-rate decay really fires, and flips/rotations really augment.
+  learning-rate decay really fires, and flips/rotations really augment (train.augment).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -31,14 +33,14 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from kdas.checkpoint import load_model, save_model
-from kdas.config import DistillParams, TrainParams
+from kdas.config import DistillParams, RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset
 from kdas.device import autocast, autocast_dtype, select_device
 from kdas.io import atomic_path, write_text
-from kdas.losses import distillation_loss
 from kdas.metrics import Evaluator
 from kdas.models import OUTPUT_STRIDE, create_model
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
+from kdas.training.task import SegmentationTask
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +52,11 @@ EpochCallback = Callable[[dict[str, float], int], None]
 @dataclass
 class TrainJob:
     role: str                      # teacher | student (names the outputs)
-    arch: str                      # a kdas.models name
+    model: RoleModel               # architecture, backbone, initial weights
     manifest: pd.DataFrame
     out_dir: Path
     train: TrainParams
     distill: DistillParams         # method "none" trains on the ground truth alone
-    pretrained: str = "none"
     teacher: Path | None = None    # model file of the frozen teacher (sgm, kdas)
     resume: bool = False
     device: str = "auto"
@@ -84,12 +85,22 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain values only, so that the checkpoint loads with
+    `weights_only=True` (a resume never unpickles code)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
@@ -109,6 +120,15 @@ def _rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     if rows.empty:
         raise ValueError(f"the manifest has no usable '{split}' images; check data.datasets and data.split in params.yaml")
     return rows
+
+
+def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
+    """What a resumed run must share with the checkpoint: model, params, data and teacher
+    (`--resume` of a checkpoint written with other settings starts afresh instead)."""
+    teacher = hashlib.sha256(Path(job.teacher).read_bytes()).hexdigest() if job.teacher and job.distill.method != "none" else ""
+    train = {k: v for k, v in dataclasses.asdict(job.train).items() if k not in ("workers", "nproc_per_node")}
+    blob = json.dumps([model_config, dataclasses.asdict(job.model), train, dataclasses.asdict(job.distill), teacher, ids], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @torch.no_grad()
@@ -139,7 +159,13 @@ class Trainer:
         self.out_dir = Path(job.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=True, workers=max(1, p.workers))
+        # models first: missing weights or a bad teacher file stop the run before any decoding
+        spec = job.model
+        self.model = create_model(spec.arch, backbone=spec.backbone, pretrained=spec.weights, drop_path_rate=spec.drop_path_rate).to(self.device)
+        teacher = load_model(job.teacher, self.device).model if job.distill.method != "none" and job.teacher is not None else None
+        self.task = SegmentationTask(job.distill, p.weighted_bce, teacher)
+
+        self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=p.augment, workers=max(1, p.workers))
         self.val_data = PolypDataset(_rows(job.manifest, "val"), p.image_size, augment=False, workers=max(1, p.workers))
         self.generator = torch.Generator().manual_seed(p.seed)
         self.sampler = (
@@ -153,26 +179,15 @@ class Trainer:
             worker_init_fn=_worker_init, generator=self.generator, persistent_workers=False,
         )
 
-        self.model = create_model(job.arch, pretrained=job.pretrained).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world.distributed else self.model
-        self.teacher = self._load_teacher()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.decay_epochs, gamma=p.lr_decay)
         # fp16 needs loss scaling; bf16 and full precision do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.amp and autocast_dtype(self.device) == torch.float16)
         self.start_epoch, self.best, self.best_epoch, self.history = 0, -math.inf, -1, []
-
-    def _load_teacher(self) -> torch.nn.Module | None:
-        method = self.job.distill.method
-        if method == "none":
-            return None
-        if self.job.teacher is None:
-            raise ValueError(f"distill.method '{method}' needs a teacher: pass --teacher MODEL_FILE_OR_URI")
-        teacher = load_model(self.job.teacher, self.device).model
-        teacher.requires_grad_(False)
-        return teacher.eval()
+        self.fingerprint = _fingerprint(job, self.model.config(), self.train_data.ids + self.val_data.ids)
 
     # -- checkpoints -----------------------------------------------------------------
     def save_last(self, epoch: int) -> None:
@@ -180,7 +195,7 @@ class Trainer:
             "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "best": self.best,
             "best_epoch": self.best_epoch, "history": self.history, "rng": _rng_state(), "generator": self.generator.get_state(),
-            "arch": self.job.arch, "method": self.job.distill.method,
+            "model_config": self.model.config(), "fingerprint": self.fingerprint,
         }
         with atomic_path(self.out_dir / LAST) as tmp:
             torch.save(state, tmp)
@@ -190,10 +205,16 @@ class Trainer:
         if not path.exists():
             log.info("--resume: no %s yet, starting from scratch", path)
             return
-        # our own file, written by save_last: it holds RNG states (numpy arrays), hence weights_only=False
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["arch"] != self.job.arch or state["method"] != self.job.distill.method:
-            raise ValueError(f"{path}: a {state['arch']}/{state['method']} run; cannot resume it as {self.job.arch}/{self.job.distill.method}")
+        try:  # tensors and plain values only: a crafted file cannot run code here
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a kdas training checkpoint ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+                             "delete it to start afresh") from exc
+        if not isinstance(state, dict) or "model_config" not in state:
+            raise ValueError(f"{path}: not a kdas training checkpoint; delete it to start afresh")
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("--resume: %s was written with other settings (model, params, data or teacher); starting afresh", path)
+            return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -206,7 +227,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        p, d = self.job.train, self.job.distill
+        p = self.job.train
         self.net.train()
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
@@ -231,12 +252,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(self.device, p.amp):
-                    student = self.net(x)
-                    teacher = None
-                    if self.teacher is not None:
-                        with torch.no_grad():
-                            teacher = self.teacher(x)
-                losses = distillation_loss(d.method, student, teacher, y, alpha=d.alpha, tau=d.tau, pool_stride=d.pool_stride)
+                    losses = self.task(self.net, x, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(losses["loss"]).backward()
                 self.scaler.unscale_(self.optimizer)
@@ -281,7 +297,7 @@ class Trainer:
             self.history.append({"epoch": epoch + 1, **metrics})
             if self.world.is_main:
                 if improved:
-                    save_model(self.out_dir / BEST, self.model, arch=self.job.arch, image_size=p.image_size,
+                    save_model(self.out_dir / BEST, self.model, image_size=p.image_size,
                                info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.distill.method})
                 self.save_last(epoch)
                 log.info("%s epoch %d/%d: loss %.4f, val meanDic %.4f%s", self.job.role, epoch + 1, p.epochs,
@@ -302,7 +318,8 @@ class Trainer:
         """history.csv (DVC plots) and metrics.json (DVC metrics) beside the model."""
         with atomic_path(self.out_dir / "history.csv") as tmp:
             pd.DataFrame(self.history).to_csv(tmp, index=False)
-        summary = {"best_epoch": self.best_epoch + 1, "best_val_meanDic": self.best, "epochs_run": len(self.history)}
+        summary = {"best_epoch": self.best_epoch + 1, "best_val_meanDic": self.best, "epochs_run": len(self.history),
+                   "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in self.history)}
         write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
 
 
