@@ -35,7 +35,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from kdas import tracking
-from kdas.config import load_params, set_params
+from kdas.config import load_params, profile_updates, set_params
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
 STOP_GRACE_S = 30  # how long a signalled stage may take to exit before it is killed
@@ -201,7 +201,8 @@ def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, d
     params = load_params(workspace / "params.yaml")
     manifest = (_lock_entry(workspace, "manifest") or {}).get("outs", [{}])[0].get("md5", "?")
     lines = ["# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
-             f"- profile: `{params.train.profile}`, distillation: `{params.distill.method}`",
+             f"- teacher: {params.model.teacher.backbone}, student: {params.model.student.backbone}, "
+             f"{params.train.image_size} px, {params.train.epochs} epochs, distillation: `{params.distill.method}`",
              f"- up to date, skipped: {', '.join(skipped) or 'none'}\n"]
     for role, decision in decisions.items():
         metrics = json.loads((workspace / "reports" / "evaluate" / role / "metrics.json").read_text())["datasets"]
@@ -225,19 +226,19 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
     """Validate the data, train (or reuse) the teacher, distil the student, evaluate, register,
     and promote what passes the gate.
 
-    profile: train.profile to use (cpu, paper); datasets: data.datasets; nproc_per_node:
+    profile: a named profile of params.yaml (paper, real-cpu); datasets: data.datasets; nproc_per_node:
     train.nproc_per_node (> 1 trains under torchrun, e.g. one process per GPU); each is
     written to params.yaml, as `dvc exp run -S` would. retrain_teacher=False distils from
     the registered teacher_uri instead of training a teacher.
     """
     root = Path(workspace).resolve()
-    updates = {"train.profile": profile, "data.datasets": datasets, "train.nproc_per_node": nproc_per_node}
-    updates = {k: v for k, v in updates.items() if v is not None}
+    updates = profile_updates(load_params(root / "params.yaml"), profile) if profile else {}
+    updates |= {k: v for k, v in {"data.datasets": datasets, "train.nproc_per_node": nproc_per_node}.items() if v is not None}
     with workspace_lock(root), contextlib.chdir(root):
         if updates and set_params(updates, root / "params.yaml"):
             get_run_logger().info("params.yaml updated: %s", updates)
         params = load_params(root / "params.yaml")
-        with tracking.pipeline_run("retrain", {"profile": params.train.profile, "datasets": params.data.datasets,
+        with tracking.pipeline_run("retrain", {"profile": profile or "", "datasets": params.data.datasets,
                                                "retrain_teacher": retrain_teacher}):
             stages = (["synth"] if "synth" in params.data.datasets else []) + ["manifest"]
             ran = {s: run_stage(s, root) for s in stages}
@@ -266,7 +267,7 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=retrain.__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", default=".", help="project folder (default: here)")
-    parser.add_argument("--profile", help="train.profile: cpu (default in params.yaml) or paper")
+    parser.add_argument("--profile", help="write a named profile of params.yaml first: paper or real-cpu (kdas params use)")
     parser.add_argument("--datasets", nargs="+", help="data.datasets, e.g. kvasir-seg cvc-clinicdb cvc-colondb")
     parser.add_argument("--nproc-per-node", type=int, help="train.nproc_per_node: train data-parallel under torchrun")
     parser.add_argument("--reuse-teacher", action="store_true", help="distil from the registered teacher instead of training one")
