@@ -1,0 +1,105 @@
+"""Temporaries of killed writers are swept by the next writer; written files get the
+process's normal permissions; a bad image already in data/raw is one manifest row's error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_dataset
+from kdas.config import SplitParams
+from kdas.data.importer import import_dataset
+from kdas.data.manifest import build_manifest
+from kdas.io import atomic_dir, atomic_path, write_text
+from test_reliability_import import png_declaring
+
+# a writer that dies (SIGKILL) half-way: what it leaves is what a killed import or save leaves
+WRITER = textwrap.dedent("""\
+    import sys, time
+    from kdas.io import atomic_dir, atomic_path
+    kind, target = sys.argv[1], sys.argv[2]
+    with (atomic_dir if kind == "dir" else atomic_path)(target) as tmp:
+        if kind == "dir":
+            (tmp / "images").mkdir()
+            (tmp / "images" / "a.png").write_bytes(b"half")
+        else:
+            tmp.write_bytes(b"")
+        print("ready", flush=True)
+        time.sleep(120)
+""")
+
+
+def writer(kind: str, target: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+
+def test_a_killed_saves_temporary_is_swept_by_the_next_save_not_a_live_ones(tmp_path):
+    target = tmp_path / "models" / "last.ckpt"
+    dead, live = writer("file", target), writer("file", target)
+    kill(dead)
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert len(left) == 2 and all(n.startswith(".last.ckpt.") and n.endswith(".tmp") for n in left)
+    live_tmp = [n for n in left if n.startswith(f".last.ckpt.{live.pid}.")]
+    write_text(target, "saved")
+    assert target.read_text() == "saved"
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["last.ckpt", *live_tmp])  # the live writer's stays
+    kill(live)
+
+
+def test_a_killed_imports_folder_is_swept_by_the_next_import(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    kill(writer("dir", raw / "ds"))
+    assert [p.name.split(".")[1] for p in raw.iterdir()] == ["ds"] and next(raw.iterdir()).name.endswith(".tmp")
+    import_dataset(make_dataset(tmp_path / "ds", n=2), raw, track=False)
+    assert sorted(p.name for p in raw.iterdir()) == ["ds"]
+
+
+def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
+    raw = tmp_path / "raw"
+    import_dataset(make_dataset(tmp_path / "ds", n=2), raw, track=False)
+    os.replace(raw / "ds", raw / ".ds.old")  # the state between moving the old version aside and putting the new one
+    with pytest.raises(RuntimeError), atomic_dir(raw / "ds"):
+        raise RuntimeError("killed again")
+    assert sorted(p.name for p in raw.iterdir()) == ["ds"] and len(list((raw / "ds" / "images").iterdir())) == 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_and_folders_get_the_normal_permissions(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_text(tmp_path / "report.json", "{}")
+        with atomic_path(tmp_path / "model.pt") as tmp:
+            tmp.write_bytes(b"weights")
+        with atomic_dir(tmp_path / "ds") as tmp:
+            (tmp / "a.png").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    for name in ("report.json", "model.pt", "ds/a.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "ds").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_decompression_bomb_in_data_raw_is_one_rows_error(tmp_path):
+    raw = make_dataset(tmp_path / "raw" / "ds", n=4).parent
+    (raw / "ds" / "images" / "img02.png").write_bytes(png_declaring(60000, 60000))
+    start = time.monotonic()
+    df = build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
+    errors = dict(zip(df["id"], df["error"]))
+    assert "img02.png: cannot decode image" in errors["img02"] and "decompression bomb" in errors["img02"]
+    assert [errors[i] for i in ("img00", "img01", "img03")] == ["", "", ""]
+    assert time.monotonic() - start < 30
