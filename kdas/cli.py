@@ -217,6 +217,8 @@ def _run_training(ctx: click.Context, role: str, method: str, out: Path | None, 
 
     from kdas import tracking
     from kdas.data.manifest import read_manifest
+    from kdas.models import resolve_backbone
+    from kdas.models.registry import check_weights
     from kdas.training import TrainJob, train as run_train
 
     params = params_of(ctx)
@@ -227,6 +229,7 @@ def _run_training(ctx: click.Context, role: str, method: str, out: Path | None, 
         sys.exit(subprocess.call(launch))
     distill = dataclasses.replace(params.distill, method=method)
     spec = getattr(params.model, role)
+    check_weights(spec.weights, resolve_backbone(spec.arch, spec.backbone))  # in seconds, before MLflow or data
     out = out or Path("models") / role
     job = TrainJob(role=role, model=spec, manifest=read_manifest(kw["manifest"]), out_dir=out, train=params.train, distill=distill,
                    teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])

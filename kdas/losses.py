@@ -79,7 +79,7 @@ def _attention_log_probs(logits: Tensor, tau: float, pool_stride: int) -> Tensor
 
 
 def attention_supervision(
-    student_logits: Tensor, teacher_logits: Tensor, tau: float, pool_stride: int, kind: str = "spatial"
+    student_logits: Tensor, teacher_logits: Tensor, tau: float, pool_stride: int, kind: str
 ) -> Tensor:
     """KDAS attention supervision for one prediction map: ``kind`` is ``"spatial"``
     (:func:`spatial_attention_supervision`) or ``"pairwise"`` (:func:`pairwise_attention_supervision`)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
 
 from .polyp_pvt import PolypPVT
 from .weights import load_backbone_weights
@@ -43,6 +46,26 @@ def resolve_backbone(name: str, backbone: str | None = None) -> str:
     return default
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the model hub: offline, timm's downloader retries for a minute."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_weights(weights: str, backbone: str) -> None:
+    """Fail in seconds, before any data is read, when ``weights`` cannot be had."""
+    hint = (f"pass a local file instead: model.<role>.weights: /path/to/{backbone}.safetensors (or .pth) in params.yaml, "
+            "or weights: none for random init")
+    if weights == "hub" and not _hub_reachable():
+        raise RuntimeError(f"the ImageNet weights of {backbone} need the model hub, which this machine cannot reach; {hint}")
+    if weights not in ("none", "hub") and not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {weights}; {hint}")
+
+
 def create_model(
     name: str,
     pretrained: str | os.PathLike | None = "none",
@@ -67,6 +90,7 @@ def create_model(
     if pretrained == "none":
         return PolypPVT(backbone, **kwargs)
     if pretrained == "hub":
+        check_weights("hub", backbone)
         try:
             return PolypPVT(backbone, hub_pretrained=True, **kwargs)
         except Exception as exc:
