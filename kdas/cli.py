@@ -405,20 +405,30 @@ def rollback(ctx: click.Context, role: str) -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", "model_ref", default="models:/kdas-student@champion", show_default=True, help="Model file or MLflow URI.")
+@click.option("--model", "model_ref", default="models:/kdas-student@champion", show_default=True,
+              help="Model file, MLflow URI, or an ONNX export (.onnx, runs on onnxruntime).")
 @click.option("--out", default=Path("predictions"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--threshold", default=0.5, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def predict(images: tuple[Path, ...], model_ref: str, out: Path, threshold: float, device: str) -> None:
-    """Segment images: writes <stem>_mask.png (0/255) and <stem>_overlay.jpg to --out."""
+    """Segment images: writes <stem>_mask.png (0/255) and <stem>_overlay.jpg to --out.
+
+    A .onnx --model (from `kdas export`) runs on onnxruntime, without PyTorch.
+    """
     import numpy as np
     from PIL import Image
 
-    from kdas import tracking
-    from kdas.inference import Segmenter
     from kdas.io import read_rgb
 
-    seg = Segmenter.load(tracking.resolve_model_file(model_ref), device)
+    if is_onnx_file(model_ref):  # onnxruntime: no torch on this path
+        from kdas.export import OnnxSegmenter
+
+        seg = OnnxSegmenter.load(model_ref, device)
+    else:
+        from kdas import tracking
+        from kdas.inference import Segmenter
+
+        seg = Segmenter.load(tracking.resolve_model_file(model_ref), device)
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
         image = read_rgb(path)
@@ -428,3 +438,46 @@ def predict(images: tuple[Path, ...], model_ref: str, out: Path, threshold: floa
         overlay[mask] = (0.5 * overlay[mask] + 0.5 * np.array([0, 255, 0])).astype(np.uint8)
         Image.fromarray(overlay).save(out / f"{path.stem}_overlay.jpg", quality=90)
         click.echo(f"{path}: polyp covers {mask.mean():.1%} -> {out / (path.stem + '_mask.png')}")
+
+
+def is_onnx_file(ref: str) -> bool:
+    """A local .onnx path (not an MLflow URI), run on onnxruntime."""
+    return str(ref).lower().endswith(".onnx") and ":/" not in str(ref)
+
+
+@main.command("export")
+@click.option("--model", "model_ref", default="models/student/best.pt", show_default=True,
+              help="Model file or MLflow URI (models:/kdas-student@champion).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write.")
+@click.option("--int8", "int8", is_flag=True, help="Static int8 quantisation, calibrated on train-split images.")
+@click.option("--manifest", default=MANIFEST, show_default=True, type=click.Path(path_type=Path),
+              help="Where --int8 draws calibration images from (the train split only).")
+@click.option("--calibration-images", default=32, show_default=True, type=click.IntRange(1), help="How many (--int8).")
+@click.option("--seed", default=0, show_default=True, help="Which calibration images (--int8).")
+def export_cmd(model_ref: str, out: Path, int8: bool, manifest: Path, calibration_images: int, seed: int) -> None:
+    """Export a model to ONNX (dynamic batch, its training size, metadata) for onnxruntime.
+
+    The graph takes RGB in [0, 1] (normalisation inside) and returns logits (P1 + P2) and
+    map (sigmoid). `kdas predict IMG --model OUT.onnx` runs it without PyTorch.
+    """
+    import tempfile
+
+    from kdas import export, tracking
+    from kdas.data.manifest import read_manifest
+
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"{out}: the output must be a .onnx file")
+    images = None
+    if int8:  # the calibration set first: a missing manifest fails before the export's seconds
+        images = export.calibration_images(read_manifest(manifest), calibration_images, seed)
+    model_file = tracking.resolve_model_file(model_ref)
+    source = model_ref if tracking.is_model_uri(model_ref) else str(model_file)
+    if not int8:
+        export.export_onnx(model_file, out, source=source)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export.export_onnx(model_file, Path(tmp) / "fp32.onnx", source=source)
+            export.quantize_int8(fp32, out, images)
+    meta = export.read_metadata(out)
+    click.echo(f"{model_ref} -> {out} ({meta['precision']}, {meta['arch']} on {meta['backbone']}, {meta['image_size']} px, "
+               f"{out.stat().st_size / 1e6:.1f} MB); run it with `kdas predict IMAGE --model {out}`")

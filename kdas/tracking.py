@@ -70,12 +70,15 @@ PREVIOUS_CHAMPION_TAG = "previous_champion"
 # request, checked from the image headers before any pixel is decoded (a 10 KB PNG can
 # declare 4096 x 4096): at most max_rows images, at most max_pixels pixels in all (which
 # bounds any one image too), each at most max_side a side.
+# runtime: "torch" (the kdas model file) or "onnxruntime" (the ONNX export logged beside it).
 SERVING_CONFIG = {"max_side": 4096, "max_rows": 32, "max_pixels": 4 * 4096 * 4096, "threshold": 0.5, "device": "auto",
-                  "batch_size": 8}
+                  "batch_size": 8, "runtime": "torch"}
+RUNTIMES = ("torch", "onnxruntime")
 
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 
 MODEL_FILE_ARTIFACT = "model_file"  # the kdas model file's name among a logged model's artifacts
+ONNX_ARTIFACT = "onnx_model"  # its ONNX export (kdas.export), logged with it by register_model
 
 
 # --------------------------------------------------------------------------- store
@@ -437,9 +440,16 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
+        self.config = {**SERVING_CONFIG, **(context.model_config or {})}
+        if self.config["runtime"] == "onnxruntime":  # no torch needed
+            from kdas.export import OnnxSegmenter
+
+            if ONNX_ARTIFACT not in context.artifacts:
+                raise MlflowException(f"runtime onnxruntime, but the model has no '{ONNX_ARTIFACT}' artifact")
+            self.segmenter = OnnxSegmenter.load(context.artifacts[ONNX_ARTIFACT], device=self.config["device"])
+            return
         from kdas.inference import Segmenter
 
-        self.config = {**SERVING_CONFIG, **(context.model_config or {})}
         self.segmenter = Segmenter.load(context.artifacts[MODEL_FILE_ARTIFACT], device=self.config["device"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -495,13 +505,13 @@ _RUNTIME_DISTRIBUTIONS = (
 )  # fmt: skip
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(onnx: bool = False) -> list[str]:
     """Pins of what the served model imports, from the running environment (explicit, so
     MLflow need not load the model in a subprocess to infer them)."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for names in _RUNTIME_DISTRIBUTIONS:
+    for names in _RUNTIME_DISTRIBUTIONS + (("onnxruntime", "onnxruntime-gpu"),) * onnx:
         for dist in (names,) if isinstance(names, str) else names:
             try:
                 pins.append(f"{dist}=={version(dist)}")
@@ -525,19 +535,30 @@ def _serving_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = set(overrides or {}) - set(SERVING_CONFIG)
     if unknown:
         raise ValueError(f"unknown serving_config key(s) {sorted(unknown)}; known: {sorted(SERVING_CONFIG)}")
-    return {**SERVING_CONFIG, **(overrides or {})}
+    config = {**SERVING_CONFIG, **(overrides or {})}
+    if config["runtime"] not in RUNTIMES:
+        raise ValueError(f"serving_config runtime {config['runtime']!r}: expected one of {', '.join(RUNTIMES)}")
+    return config
 
 
-def log_segmenter(model_file: str | Path, name: str = "model", serving_config: Mapping[str, Any] | None = None) -> Any:
+def log_segmenter(model_file: str | Path, name: str = "model", serving_config: Mapping[str, Any] | None = None,
+                  onnx_file: str | Path | None = None) -> Any:
     """Log a kdas model file as a pyfunc model in the active run; returns MLflow's ModelInfo.
 
-    The model directory holds: the model file (artifact), the code file above, a copy of
-    the ``kdas`` package (``code_paths``: the model serves with the code it was logged
-    with), the signature, a PNG input example, pinned pip requirements and the serving
-    limits (`SERVING_CONFIG` updated by `serving_config`, e.g. ``{"max_side": ...}``).
+    The model directory holds: the model file (artifact), its ONNX export if `onnx_file`
+    is given (artifact ``onnx_model``: served on onnxruntime with ``{"runtime":
+    "onnxruntime"}``), the code file above, a copy of the ``kdas`` package (``code_paths``:
+    the model serves with the code it was logged with), the signature, a PNG input example,
+    pinned pip requirements and the serving limits (`SERVING_CONFIG` updated by
+    `serving_config`, e.g. ``{"max_side": ...}``).
     """
     _require_run()
     config = _serving_config(serving_config)
+    if config["runtime"] == "onnxruntime" and onnx_file is None:
+        raise ValueError("serving_config runtime onnxruntime needs the ONNX export (onnx_file)")
+    artifacts = {MODEL_FILE_ARTIFACT: os.fspath(model_file)}
+    if onnx_file is not None:
+        artifacts[ONNX_ARTIFACT] = os.fspath(onnx_file)
     import kdas
 
     package_dir = Path(kdas.__file__).resolve().parent
@@ -547,12 +568,12 @@ def log_segmenter(model_file: str | Path, name: str = "model", serving_config: M
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=code,
-            artifacts={MODEL_FILE_ARTIFACT: os.fspath(model_file)},
+            artifacts=artifacts,
             code_paths=[os.fspath(package_dir)],
             model_config=config,
             signature=SIGNATURE,
             input_example=_input_example(),
-            pip_requirements=_pip_requirements(),
+            pip_requirements=_pip_requirements(onnx=onnx_file is not None),
         )
 
 
@@ -711,19 +732,37 @@ def register_model(
     *,
     run_id: str | None = None,
     serving_config: Mapping[str, Any] | None = None,
+    onnx: bool = True,
 ) -> RegisteredVersion:
     """Log `model_file` as a pyfunc model, register it as a new version of `name`, tag the
     version with its metrics (see `metric_tags`) and point alias ``challenger`` at it.
 
     The model is logged in run `run_id` if given (resumed), else in the active run, else in
-    a new ``register`` stage run. `serving_config`: see `log_segmenter`.
+    a new ``register`` stage run. `serving_config`: see `log_segmenter`. `onnx`: export
+    the model to ONNX (fp32, `kdas.export`) and log it with the version (artifact
+    ``onnx_model``; tag ``kdas.onnx``), so the version can be served on onnxruntime.
     """
     from kdas.checkpoint import load_model
 
     model_file = Path(model_file)
     serving_config = _serving_config(serving_config)  # fail before touching the registry
+    if serving_config["runtime"] == "onnxruntime" and not onnx:
+        raise ValueError("serving_config runtime onnxruntime needs the ONNX export: register with onnx=True")
     loaded = load_model(model_file)  # (a bad file, too)
     tags = {**metric_tags(metrics), "kdas.arch": loaded.config["arch"], "kdas.backbone": loaded.config["backbone"], "kdas.image_size": str(loaded.image_size)}
+    with contextlib.ExitStack() as stack:
+        onnx_file = None
+        if onnx:  # before any run or version exists: an export failure leaves no trace
+            from kdas.export import export_onnx
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            onnx_file = export_onnx(loaded, tmp / f"{model_file.stem}.onnx", source=f"{model_file} (registered as {name})")
+            tags["kdas.onnx"] = f"artifacts/{onnx_file.name}"  # its path in the logged model
+        return _register(model_file, name, tags, run_id, serving_config, onnx_file)
+
+
+def _register(model_file: Path, name: str, tags: dict[str, str], run_id: str | None, serving_config: dict[str, Any],
+              onnx_file: Path | None) -> RegisteredVersion:
     client = _client()
     active = mlflow.active_run()
     if run_id and not (active and active.info.run_id == run_id):
@@ -733,7 +772,7 @@ def register_model(
     else:
         run_cm = stage_run("register")
     with run_cm as run:
-        info = log_segmenter(model_file, serving_config=serving_config)
+        info = log_segmenter(model_file, serving_config=serving_config, onnx_file=onnx_file)
         version = mlflow.register_model(info.model_uri, name, tags=tags)
         source_run = run.info.run_id
     client.set_registered_model_alias(name, CHALLENGER, version.version)
