@@ -85,8 +85,9 @@ def measure_efficiency(seg: Segmenter, batch_size: int, repeats: int = 5) -> Eff
     )
 
 
-def evaluate_model(seg: Segmenter, manifest: pd.DataFrame, out_dir: str | Path, *, batch_size: int = 8, grid_size: int = 6) -> dict:
-    """Score `seg` on every dataset's test split; returns the metrics written to metrics.json."""
+def evaluate_model(seg: Segmenter, manifest: pd.DataFrame, out_dir: str | Path, *, batch_size: int, grid_size: int) -> dict:
+    """Score `seg` on every dataset's test split; returns the metrics written to metrics.json.
+    `batch_size`, `grid_size`: params.yaml `evaluate`."""
     out_dir = Path(out_dir)
     tests = manifest[(manifest["split"] == "test") & (manifest["error"].fillna("") == "")]
     if tests.empty:

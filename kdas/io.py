@@ -152,3 +152,10 @@ def read_mask(path: str | Path) -> np.ndarray:
 def binarise(mask: np.ndarray) -> np.ndarray:
     """The foreground of a grey-level mask: > 127 (JPEG masks hold grey edges)."""
     return mask > 127
+
+
+def nonbinary_fraction(mask: np.ndarray) -> float:
+    """The share of a grey-level mask's pixels near neither 0 nor 255 (more than 32 levels
+    from both): a soft or blurred mask, not the few grey edges of a JPEG-saved binary one.
+    The importer refuses, and the data contract fails, above validation.max_nonbinary_fraction."""
+    return float(np.mean((mask > 32) & (mask < 223)))

@@ -22,6 +22,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
+from kdas.io import IMAGE_EXTENSIONS
+
 __all__ = [
     "THRESHOLDS",
     "MetricsInputError",
@@ -37,7 +39,6 @@ __all__ = [
 
 THRESHOLDS = np.linspace(1, 0, 256)
 _EPS = np.finfo(np.float64).eps
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # 8-bit (or 1-bit / palette) images only: png/255 must land in [0, 1].
 _ACCEPTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 

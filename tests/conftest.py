@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATASETS = SHARED / "datasets"
+# the importer's soft-mask limit, as params.yaml sets it
+MAX_NONBINARY = yaml.safe_load((ROOT / "params.yaml").read_text())["validation"]["max_nonbinary_fraction"]
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 # DVC keeps site-wide state and config outside the repository: isolate the test session's

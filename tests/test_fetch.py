@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import write_pair
+from conftest import MAX_NONBINARY, write_pair
 from kdas.data import catalog
 from kdas.data.fetch import FetchError, fetch
 from kdas.data.importer import import_dataset
@@ -83,7 +83,7 @@ def test_fetch_then_import(tmp_path, release):
     archive = fetch("kvasir-seg", tmp_path / "downloads", url=release)
     assert archive.read_bytes() == ReleaseServer.payload
     assert not list((tmp_path / "downloads").glob("*.part"))
-    [out] = import_dataset(archive, tmp_path / "raw", name="kvasir-seg", track=False)
+    [out] = import_dataset(archive, tmp_path / "raw", name="kvasir-seg", track=False, max_nonbinary=MAX_NONBINARY)
     assert len(list((out / "images").iterdir())) == 3
 
 

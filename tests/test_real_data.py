@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DATASETS
+from conftest import DATASETS, MAX_NONBINARY
 from kdas.config import load_params
 from kdas.data.importer import import_dataset
 from kdas.data.manifest import build_manifest
@@ -17,7 +17,7 @@ def test_import_split_and_validate_the_three_releases(workdir):
     params = load_params()
     counts = {}
     for folder in ("kvasir-seg", "cvc-clinicdb", "cvc-colondb"):
-        [out] = import_dataset(DATASETS / folder, "data/raw", track=False)
+        [out] = import_dataset(DATASETS / folder, "data/raw", track=False, max_nonbinary=MAX_NONBINARY)
         counts[out.name] = len(list((out / "images").iterdir()))
     assert counts == {"kvasir-seg": 1000, "cvc-clinicdb": 612, "cvc-colondb": 380}
 

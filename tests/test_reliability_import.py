@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_dataset, tool_environ, write_pair
+from conftest import MAX_NONBINARY, make_dataset, tool_environ, write_pair
 from kdas.data.importer import ImportError_, import_dataset, safe_extract
 from kdas.data.manifest import describe_pair
 
@@ -50,7 +50,7 @@ def test_bad_names_are_refused_before_anything_is_written(tmp_path, name):
     (tmp_path / "victim").mkdir()
     (tmp_path / "victim" / "keep.txt").write_text("mine")
     with pytest.raises(ImportError_, match=r"invalid dataset name .*lower-case letters.*synth is written by the pipeline"):
-        import_dataset(src, raw, name=name, track=False)
+        import_dataset(src, raw, name=name, track=False, max_nonbinary=MAX_NONBINARY)
     assert not raw.exists()
     assert [p.name for p in (tmp_path / "victim").iterdir()] == ["keep.txt"]
 
@@ -58,7 +58,7 @@ def test_bad_names_are_refused_before_anything_is_written(tmp_path, name):
 def test_a_release_folder_called_synth_is_refused(tmp_path):
     make_dataset(tmp_path / "synth", n=1)
     with pytest.raises(ImportError_, match="invalid dataset name 'synth'"):
-        import_dataset(tmp_path / "synth", tmp_path / "raw", track=False)
+        import_dataset(tmp_path / "synth", tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
     assert not (tmp_path / "raw").exists()
 
 
@@ -89,7 +89,7 @@ def test_zip_bomb_is_refused_before_extracting(tmp_path):
         safe_extract(archive, dest)
     assert time.monotonic() - start < 1 and not any(dest.iterdir())  # refused from the headers
     with pytest.raises(ImportError_, match="expands to 1073741824 bytes"):
-        import_dataset(archive, tmp_path / "raw", track=False)
+        import_dataset(archive, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
     assert not (tmp_path / "raw").exists()
 
 
@@ -131,7 +131,7 @@ def test_corrupt_zip_entry_is_named(tmp_path):
     data[start : start + 64] = bytes(range(64))  # garbage in the middle of the deflate stream
     archive.write_bytes(data)
     with pytest.raises(ImportError_, match=r"ds.zip: entry 'ds/images/img01.png' is corrupt \("):
-        import_dataset(archive, tmp_path / "raw", track=False)
+        import_dataset(archive, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
     assert not (tmp_path / "raw").exists()
 
 
@@ -141,7 +141,7 @@ def test_decompression_bomb_is_a_named_error_on_import_and_a_row_error_in_the_ma
     bomb = src / "images" / "img01.png"
     bomb.write_bytes(png_declaring(*size))
     with pytest.raises(ImportError_, match=rf"img01.png: (image too large \({size[0]}x{size[1]} px declared|cannot decode image \(Image size)"):
-        import_dataset(src, tmp_path / "raw", track=False)
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
     assert left_in(tmp_path / "raw") == []
     row = describe_pair(str(bomb), str(src / "masks" / "img01.png"))  # already in data/raw: one bad row
     assert "img01.png" in row["error"] and row["mask_width"] == 96
@@ -157,7 +157,7 @@ def test_duplicate_ids_are_reported_not_dropped(tmp_path):
     write_pair(src / "images", src / "masks", "b", mask_ext=".jpg")
     write_pair(tmp_path / "unused", src / "masks", "b", mask_ext=".png", seed=1)
     with pytest.raises(ImportError_, match=r"(?s)images/a.jpg: same id as a.png.*masks/b.jpg: same id as b.png"):
-        import_dataset(src, tmp_path / "raw", track=False)
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
     assert left_in(tmp_path / "raw") == []
 
 
@@ -165,7 +165,7 @@ def test_every_problem_of_a_release_in_one_error_and_nothing_written(tmp_path):
     src = make_dataset(tmp_path / "TestDataset" / "kvasir", n=5)
     make_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", n=2)  # a good dataset of the same release
     raw = tmp_path / "raw"
-    import_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", raw, track=False)
+    import_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", raw, track=False, max_nonbinary=MAX_NONBINARY)
     before = sorted(p.name for p in (raw / "cvc-colondb" / "images").iterdir())
     write_pair(src / "images", tmp_path / "unused", "lonely")  # unpaired
     write_pair(src / "images", tmp_path / "unused", "img00", img_ext=".jpg")  # duplicate id
@@ -174,7 +174,7 @@ def test_every_problem_of_a_release_in_one_error_and_nothing_written(tmp_path):
     jpg.write_bytes(jpg.read_bytes()[:200])  # truncated
     (src / "images" / "img03.png").write_bytes(png_declaring(60000, 60000))  # decompression bomb
     with pytest.raises(ImportError_) as err:
-        import_dataset(tmp_path / "TestDataset", raw, track=False)
+        import_dataset(tmp_path / "TestDataset", raw, track=False, max_nonbinary=MAX_NONBINARY)
     message = str(err.value)
     assert "5 problem(s), nothing imported" in message
     for expected in ("img00.jpg: same id as img00.png", "lonely.png: image without mask", "img01.png: not a binary mask",
@@ -189,4 +189,4 @@ def test_problems_inside_a_zip_are_named_as_in_the_archive(tmp_path):
     (src / "images" / "img00.png").write_bytes(b"not a png")
     archive = zip_folder(src, tmp_path / "ds.zip")
     with pytest.raises(ImportError_, match=rf"{archive}/ds/images/img00.png: cannot decode image"):
-        import_dataset(archive, tmp_path / "raw", track=False)
+        import_dataset(archive, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_dataset
+from conftest import MAX_NONBINARY, ROOT, make_dataset
 from kdas.config import SplitParams
 from kdas.data.importer import import_dataset
 from kdas.data.manifest import build_manifest
@@ -65,13 +65,13 @@ def test_a_killed_imports_folder_is_swept_by_the_next_import(tmp_path):
     raw = tmp_path / "data" / "raw"
     kill(writer("dir", raw / "ds"))
     assert [p.name.split(".")[1] for p in raw.iterdir()] == ["ds"] and next(raw.iterdir()).name.endswith(".tmp")
-    import_dataset(make_dataset(tmp_path / "ds", n=2), raw, track=False)
+    import_dataset(make_dataset(tmp_path / "ds", n=2), raw, track=False, max_nonbinary=MAX_NONBINARY)
     assert sorted(p.name for p in raw.iterdir()) == ["ds"]
 
 
 def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
     raw = tmp_path / "raw"
-    import_dataset(make_dataset(tmp_path / "ds", n=2), raw, track=False)
+    import_dataset(make_dataset(tmp_path / "ds", n=2), raw, track=False, max_nonbinary=MAX_NONBINARY)
     os.replace(raw / "ds", raw / ".ds.old")  # the state between moving the old version aside and putting the new one
     with pytest.raises(RuntimeError), atomic_dir(raw / "ds"):
         raise RuntimeError("killed again")

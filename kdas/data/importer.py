@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from kdas.data.catalog import CATALOG, canonical_name
-from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, open_image, read_mask
+from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, nonbinary_fraction, open_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _convert_image(src: Path, dst_dir: Path) -> None:
 
 def _convert_mask(src: Path, dst_dir: Path, max_nonbinary: float) -> None:
     grey = read_mask(src)
-    nonbinary = float(np.mean((grey > 32) & (grey < 223)))
+    nonbinary = nonbinary_fraction(grey)
     if nonbinary > max_nonbinary:
         raise ImportError_(
             f"{src}: not a binary mask ({nonbinary:.1%} of pixels are neither near 0 nor near 255; "
@@ -223,12 +223,12 @@ def dvc_track(path: Path) -> None:
     subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(path)], check=True, cwd=repo_root)
 
 
-def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: str | None = None, max_nonbinary: float = 0.05,
+def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: str | None = None, max_nonbinary: float,
                    track: bool = True, workers: int = 4) -> list[Path]:
     """Import every dataset found in SRC (folder or .zip); returns the folders written.
 
     All or nothing: every problem of every dataset in SRC is listed in one error, and then
-    nothing is written."""
+    nothing is written. `max_nonbinary`: params.yaml `validation.max_nonbinary_fraction`."""
     src, raw_root = Path(src), Path(raw_root)
     if name is not None:
         check_name(name)

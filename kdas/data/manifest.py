@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from kdas.config import SplitParams
 from kdas.data.splits import assign_splits
-from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, open_image, read_mask, to_rgb
+from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, binarise, nonbinary_fraction, open_image, read_mask, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def describe_pair(image_path: str, mask_path: str) -> dict:
         try:
             grey = read_mask(mask_path)
             row["mask_width"], row["mask_height"] = grey.shape[1], grey.shape[0]
-            row["foreground_fraction"] = float(np.mean(grey > 127))
-            row["nonbinary_fraction"] = float(np.mean((grey > 0) & (grey < 255)))
+            row["foreground_fraction"] = float(np.mean(binarise(grey)))
+            row["nonbinary_fraction"] = nonbinary_fraction(grey)
         except ImageReadError as exc:
             errors.append(str(exc))
     row["error"] = "; ".join(errors)
