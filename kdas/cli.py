@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from kdas.config import Params, load_params
+from kdas.config import DistillParams, Params, load_params
 
 ROLES = ("teacher", "student")
 RAW = Path("data/raw")
@@ -212,9 +212,8 @@ def _train_options(f):
     return f
 
 
-def _run_training(ctx: click.Context, role: str, method: str, out: Path | None, teacher: Path | None, **kw) -> None:
-    import dataclasses
-
+def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, out: Path | None, teacher: Path | None, **kw) -> None:
+    """`distill` None: the ground truth alone, and no distill.* key read (the teacher's stage does not depend on them)."""
     from kdas import tracking
     from kdas.data.manifest import read_manifest
     from kdas.models import resolve_backbone
@@ -227,7 +226,6 @@ def _run_training(ctx: click.Context, role: str, method: str, out: Path | None, 
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.train.nproc_per_node}",
                   "-m", "kdas", *sys.argv[1:]]
         sys.exit(subprocess.call(launch))
-    distill = dataclasses.replace(params.distill, method=method)
     spec = getattr(params.model, role)
     check_weights(spec.weights, resolve_backbone(spec.arch, spec.backbone))  # in seconds, before MLflow or data
     out = out or Path("models") / role
@@ -236,14 +234,14 @@ def _run_training(ctx: click.Context, role: str, method: str, out: Path | None, 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks and reports
         run_train(job)
         return
-    logged = {"role": role, "teacher": str(teacher or ""), "train": params.train, "distill": distill, "model": spec}
+    logged = {"role": role, "teacher": str(teacher or ""), "train": params.train, "model": spec, **({"distill": distill} if distill else {})}
     with tracking.stage_run(f"train_{role}", logged) as run:
         job.on_epoch = tracking.log_metrics
         result = run_train(job)
         tracking.log_metrics({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
         for name in ("history.csv", "metrics.json"):  # the weights go to the registry (kdas register)
             tracking.log_artifact(out / name, artifact_path=role)
-    click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
+    click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {job.method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
     click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'}")
     click.echo(f"  MLflow:  run {run.info.run_id} in {tracking.tracking_uri()}")
 
@@ -253,7 +251,7 @@ def _run_training(ctx: click.Context, role: str, method: str, out: Path | None, 
 @click.pass_context
 def train_teacher(ctx: click.Context, out: Path | None, **kw) -> None:
     """Train the teacher (model.teacher in params.yaml) on the ground truth."""
-    _run_training(ctx, "teacher", "none", out, None, **kw)
+    _run_training(ctx, "teacher", None, out, None, **kw)
 
 
 @train.command("student")
@@ -268,12 +266,14 @@ def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out:
     none: the student alone on the ground truth; sgm: + symmetrical guiding;
     kdas: + attention supervision + symmetrical guiding.
     """
+    import dataclasses
+
     from kdas import tracking
 
-    params = params_of(ctx)
-    method = method or params.distill.method
-    teacher = None if method == "none" else tracking.resolve_model_file(teacher_ref)
-    _run_training(ctx, "student", method, out, teacher, **kw)
+    distill = params_of(ctx).distill
+    distill = dataclasses.replace(distill, method=method or distill.method)
+    teacher = None if distill.method == "none" else tracking.resolve_model_file(teacher_ref)
+    _run_training(ctx, "student", distill, out, teacher, **kw)
 
 
 def _role_option(f):

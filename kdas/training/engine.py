@@ -56,12 +56,16 @@ class TrainJob:
     manifest: pd.DataFrame
     out_dir: Path
     train: TrainParams
-    distill: DistillParams         # method "none" trains on the ground truth alone
+    distill: DistillParams | None  # None (or method "none"): the ground truth alone
     teacher: Path | None = None    # model file of the frozen teacher (sgm, kdas)
     resume: bool = False
     device: str = "auto"
     max_steps: int | None = None   # per epoch; for smoke tests and benchmarks
     on_epoch: EpochCallback | None = None
+
+    @property
+    def method(self) -> str:
+        return self.distill.method if self.distill else "none"
 
 
 @dataclass
@@ -125,9 +129,9 @@ def _rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
 def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
     """What a resumed run must share with the checkpoint: model, params, data and teacher
     (`--resume` of a checkpoint written with other settings starts afresh instead)."""
-    teacher = hashlib.sha256(Path(job.teacher).read_bytes()).hexdigest() if job.teacher and job.distill.method != "none" else ""
+    teacher = hashlib.sha256(Path(job.teacher).read_bytes()).hexdigest() if job.teacher and job.method != "none" else ""
     train = {k: v for k, v in dataclasses.asdict(job.train).items() if k not in ("workers", "nproc_per_node")}
-    blob = json.dumps([model_config, dataclasses.asdict(job.model), train, dataclasses.asdict(job.distill), teacher, ids], sort_keys=True)
+    blob = json.dumps([model_config, dataclasses.asdict(job.model), train, job.distill and dataclasses.asdict(job.distill), teacher, ids], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -162,7 +166,7 @@ class Trainer:
         # models first: missing weights or a bad teacher file stop the run before any decoding
         spec = job.model
         self.model = create_model(spec.arch, backbone=spec.backbone, pretrained=spec.weights, drop_path_rate=spec.drop_path_rate).to(self.device)
-        teacher = load_model(job.teacher, self.device).model if job.distill.method != "none" and job.teacher is not None else None
+        teacher = load_model(job.teacher, self.device).model if job.method != "none" and job.teacher is not None else None
         self.task = SegmentationTask(job.distill, p.weighted_bce, teacher)
 
         self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=p.augment, workers=max(1, p.workers))
@@ -298,7 +302,7 @@ class Trainer:
             if self.world.is_main:
                 if improved:
                     save_model(self.out_dir / BEST, self.model, image_size=p.image_size,
-                               info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.distill.method})
+                               info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.method})
                 self.save_last(epoch)
                 log.info("%s epoch %d/%d: loss %.4f, val meanDic %.4f%s", self.job.role, epoch + 1, p.epochs,
                          metrics["train_loss"], metrics["val_meanDic"], " (best)" if improved else "")
