@@ -136,6 +136,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _parse_metadata(path, dict(session.get_modelmeta().custom_metadata_map))
 
 
+def network_input(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """HxWx3 uint8 images -> B x 3 x size x size float32 RGB in [0, 1] (what the graph takes)."""
+    arrays = [_resize(check_image(im, i), size) for i, im in enumerate(images)]
+    return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+
+
 class OnnxSegmenter:
     """``kdas.inference.Segmenter`` on onnxruntime: HxWx3 uint8 images in, HxW maps out."""
 
@@ -158,8 +164,7 @@ class OnnxSegmenter:
 
     def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The network input for `images`: resized, B x 3 x S x S float32 in [0, 1]."""
-        arrays = [_resize(check_image(im, i), self.image_size) for i, im in enumerate(images)]
-        return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+        return network_input(images, self.image_size)
 
     def logits(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
         """HxWx3 uint8 images -> HxW float32 logits of P1 + P2 at each image's size."""
@@ -337,12 +342,8 @@ def quantize_int8(fp32: str | Path, out: str | Path, images: Sequence[np.ndarray
     fp32, out = Path(fp32), Path(out)
     if not images:
         raise ValueError("int8: no calibration images")
-    meta_session = _session(fp32)
-    props = dict(meta_session.get_modelmeta().custom_metadata_map)
-    meta = _parse_metadata(fp32, props)
-    feeder = OnnxSegmenter.__new__(OnnxSegmenter)
-    feeder.image_size = meta["image_size"]
-    batches = [feeder.batch([im]) for im in images]
+    meta = read_metadata(fp32)  # a kdas export, or a clear error
+    batches = [network_input([im], meta["image_size"]) for im in images]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import DATASETS, tool_environ
 from kdas import export
+from kdas.codec import decode_mask, encode_image
 from kdas.checkpoint import save_model
 from kdas.cli import main
 from kdas.inference import Segmenter
@@ -256,9 +257,10 @@ def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(
     import mlflow
 
     from kdas import tracking
+    from kdas.codec import decode_mask, encode_image
 
     model_file, onnx_file = tiny
-    version = tracking.register_model(model_file, "kdas-onnx-test", {"kvasir/meanDic": 0.7},
+    version = tracking.register_model(model_file, "kdas-onnx-test", {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test",
                                       serving_config={"runtime": "onnxruntime", "device": "cpu"})
     client = mlflow.tracking.MlflowClient()
     tags = client.get_model_version(version.name, version.version).tags
@@ -270,10 +272,11 @@ def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(
     served = mlflow.pyfunc.load_model(version.model_uri)
     assert isinstance(served.unwrap_python_model().segmenter, export.OnnxSegmenter)
     images = _synthetic(2)
-    frame = pd.DataFrame({"image": [tracking.encode_image(im) for im in images]})
-    masks = [tracking.decode_mask(m) for m in served.predict(frame)["mask"]]
+    frame = pd.DataFrame({"image": [encode_image(im) for im in images]})
+    masks = [decode_mask(m) for m in served.predict(frame)["mask"]]
     expected = [m >= 0.5 for m in Segmenter.load(model_file, "cpu").predict(images)]
     assert all((a != b).mean() < 1e-3 for a, b in zip(masks, expected))
     with pytest.raises(ValueError, match="onnx=True"):
-        tracking.register_model(model_file, "kdas-onnx-test", {}, serving_config={"runtime": "onnxruntime"}, onnx=False)
+        tracking.register_model(model_file, "kdas-onnx-test", {}, evaluation_data="synthetic-test",
+                                serving_config={"runtime": "onnxruntime"}, onnx=False)
     assert json.dumps(meta)  # plain values only
