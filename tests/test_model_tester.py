@@ -54,3 +54,11 @@ def test_save_and_reload_from_the_model_file_alone(name, backbone, tmp_path):
     with torch.no_grad():
         expected, got = model(x), loaded.model.eval()(x)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"PK\x03\x04" + bytes(64)])
+def test_a_bad_model_file_is_one_value_error_naming_it(tmp_path, content):
+    path = tmp_path / "best.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{path}: not a loadable model file"):
+        load_model(path)

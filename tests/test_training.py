@@ -180,3 +180,27 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(manifest, tmp_pat
     assert files == ["best.pt", "history.csv", "last.ckpt", "metrics.json"]
     assert "train_loss" in (tmp_path / "ddp" / "history.csv").read_text()
     assert load_model(tmp_path / "ddp" / "best.pt").config["backbone"] == "test_convnext"
+
+
+@pytest.mark.slow
+def test_the_same_seed_on_the_same_machine_gives_identical_metrics(manifest, tmp_path):
+    """Reproducibility: two runs of one training job (same seed, same machine and threads)
+    give the same numbers to the bit, and the same weights."""
+    p = dataclasses.replace(TINY, epochs=2)
+    first, second = (train(job(manifest, tmp_path / name, train=p, max_steps=2)) for name in ("a", "b"))
+    keys = ("train_loss", "train_structure", "val_meanDic")
+    assert [{k: h[k] for k in keys} for h in first.history] == [{k: h[k] for k in keys} for h in second.history]
+    a, b = load_model(first.best_path).model.state_dict(), load_model(second.best_path).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_multiscale_trains_each_batch_at_each_scale(manifest, tmp_path, monkeypatch):
+    from kdas.training.task import SegmentationTask
+
+    sizes, call = [], SegmentationTask.__call__
+    monkeypatch.setattr(SegmentationTask, "__call__", lambda self, net, x, y: sizes.append((tuple(x.shape[-2:]), tuple(y.shape[-2:]))) or call(self, net, x, y))
+    p = dataclasses.replace(TINY, epochs=1, multiscale=[0.5, 1.0, 1.5])
+    result = train(job(manifest, tmp_path, train=p, max_steps=2))
+    assert sizes == [((32, 32),) * 2, ((64, 64),) * 2, ((96, 96),) * 2] * 2  # 2 batches x 3 scales, masks resized too
+    assert result.history[0]["train_loss"] > 0
