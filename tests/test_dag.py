@@ -1,0 +1,239 @@
+"""dvc.yaml declares what each stage really uses, so `dvc repro` never calls a stale result
+up to date. For every stage, read statically (ast) from its `kdas ...` command:
+
+- the kdas modules it runs: kdas/cli.py itself, its module-level imports, the imports of
+  the click command function (and of the cli.py helpers it calls), then every import
+  (module- or function-level) of those modules, transitively, with their packages;
+- the params keys it reads: attribute chains on the loaded Params object (`params.train`,
+  `params_of(ctx).validation.max_size`, through local aliases and `getattr(x, role)`).
+
+A module must be in the stage's deps (the file, or a folder holding it); a key must be in
+its params (the key, or a prefix of it).
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from kdas.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ROOT / "kdas" / "cli.py"
+PARAMS_LOADERS = {"params_of", "load_params"}  # calls that return the Params object
+
+
+def dvc_stages() -> dict[str, dict]:
+    """dvc.yaml's stages, `foreach` expanded as DVC names them (evaluate@student)."""
+    stages = {}
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        for item in stage["foreach"]:
+            text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
+            stages[f"{name}@{item}"] = yaml.safe_load(text)
+    return stages
+
+
+def click_command(cmd: str) -> tuple[str, dict]:
+    """The callback's name of a `kdas ...` command line and its arguments' values."""
+    words = shlex.split(cmd)
+    assert words[0] == "kdas", f"{cmd!r}: a stage is a kdas command"
+    command, args = main, words[1:]
+    while isinstance(command, click.Group):
+        command, args = command.commands[args[0]], args[1:]
+    ctx = command.make_context(command.name, args, resilient_parsing=True)
+    return command.callback.__name__, dict(ctx.params)
+
+
+# ------------------------------------------------------------------------- kdas modules
+
+
+def module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(tree: ast.AST, module: str = "kdas.cli", is_package: bool = False) -> set[str]:
+    """Every kdas module an import statement anywhere in `tree` names (with `from pkg import
+    sub`, the submodule too)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from its package
+                package = module.split(".")[: len(module.split(".")) - node.level + is_package]
+                base = ".".join(package + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}")}
+    return {m for m in found if m.split(".")[0] == "kdas" and module_file(m)}
+
+
+def closure(modules: set[str]) -> set[Path]:
+    """The files of `modules`, of their packages and of all they import, transitively."""
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        module = todo.pop()
+        parts = module.split(".")
+        for k in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__
+            name = ".".join(parts[:k])
+            if name in seen:
+                continue
+            seen.add(name)
+            path = module_file(name)
+            todo += imported_modules(ast.parse(path.read_text()), name, path.name == "__init__.py")
+    return {module_file(m).relative_to(ROOT) for m in seen}
+
+
+# ------------------------------------------------------------------------- cli.py functions and params keys
+
+CLI_TREE = ast.parse(CLI.read_text())
+CLI_FUNCTIONS = {node.name: node for node in CLI_TREE.body if isinstance(node, ast.FunctionDef)}
+
+
+class CommandReads:
+    """What a cli.py function (and the cli.py helpers it calls) imports and reads of Params."""
+
+    def __init__(self) -> None:
+        self.modules: set[str] = set()
+        self.keys: set[tuple[str, ...]] = set()
+        self._seen: set[tuple] = set()
+
+    def visit(self, name: str, bound: dict) -> None:
+        key = (name, tuple(sorted((k, v) for k, v in bound.items() if isinstance(v, str))))
+        if key in self._seen or name in PARAMS_LOADERS:  # params_of: where Params comes from, no read
+            return
+        self._seen.add(key)
+        fn = CLI_FUNCTIONS[name]
+        self.modules |= imported_modules(fn)
+        for node in ast.walk(fn):
+            for child in ast.iter_child_nodes(node):
+                child.parent = node  # type: ignore[attr-defined]
+        aliases = self._aliases(fn, bound)
+        for node in ast.walk(fn):
+            path = params_path(node, aliases, bound)
+            if path is not None and not _dereferenced(node, aliases, bound) and not _alias_value(node, aliases):
+                self.keys.add(path)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CLI_FUNCTIONS:
+                self.visit(node.func.id, _call_bindings(CLI_FUNCTIONS[node.func.id], node, bound))
+
+    @staticmethod
+    def _aliases(fn: ast.FunctionDef, bound: dict) -> dict[str, tuple[str, ...]]:
+        """Local names bound to (a part of) Params: `p = params_of(ctx).data.synth`."""
+        aliases: dict[str, tuple[str, ...]] = {}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                path = params_path(node.value, aliases, bound)
+                if path is not None:
+                    aliases[node.targets[0].id] = path
+        return aliases
+
+
+def params_path(node: ast.AST, aliases: dict, bound: dict) -> tuple[str, ...] | None:
+    """The params key an expression stands for: () for the Params object itself."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id in PARAMS_LOADERS:
+            return ()
+        if node.func.id == "getattr" and len(node.args) == 2:
+            base, attr = params_path(node.args[0], aliases, bound), node.args[1]
+            value = attr.value if isinstance(attr, ast.Constant) else bound.get(getattr(attr, "id", None))
+            if base is not None:
+                assert isinstance(value, str), f"getattr on params with an unknown name: {ast.unparse(node)}"
+                return (*base, value)
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+        return aliases.get(node.id)
+    elif isinstance(node, ast.Attribute):
+        base = params_path(node.value, aliases, bound)
+        return None if base is None else (*base, node.attr)
+    return None
+
+
+def _dereferenced(node: ast.AST, aliases: dict, bound: dict) -> bool:
+    """Whether an enclosing expression reads further into this one (only that one counts)."""
+    parent = getattr(node, "parent", None)
+    if isinstance(parent, ast.Attribute) and parent.value is node:
+        return True
+    return isinstance(parent, ast.Call) and params_path(parent, aliases, bound) is not None and node in parent.args
+
+
+def _alias_value(node: ast.AST, aliases: dict) -> bool:
+    """`p = params.data.synth` is no read by itself; what is done with `p` is."""
+    parent = getattr(node, "parent", None)
+    return isinstance(parent, ast.Assign) and parent.value is node and isinstance(parent.targets[0], ast.Name) \
+        and parent.targets[0].id in aliases
+
+
+def _call_bindings(fn: ast.FunctionDef, call: ast.Call, bound: dict) -> dict:
+    """Constant (or already known) arguments of a call to a cli.py helper, by parameter name."""
+    names = [a.arg for a in fn.args.args]
+    values = {}
+    for name, arg in [*zip(names, call.args), *((k.arg, k.value) for k in call.keywords if k.arg)]:
+        if isinstance(arg, ast.Constant):
+            values[name] = arg.value
+        elif isinstance(arg, ast.Name) and arg.id in bound:
+            values[name] = bound[arg.id]
+    return values
+
+
+def stage_reads(cmd: str) -> tuple[set[Path], set[str]]:
+    """(files of kdas code the command runs, params keys it reads) for a `kdas ...` line."""
+    callback, args = click_command(cmd)
+    reads = CommandReads()
+    reads.visit(callback, args)
+    top_level = ast.Module(body=[n for n in CLI_TREE.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
+    files = closure(reads.modules | imported_modules(top_level)) | {CLI.relative_to(ROOT)}  # not all of cli.py's imports
+    return files, {".".join(k) for k in reads.keys}
+
+
+def declared_params(stage: dict) -> list[str]:
+    """A stage's params keys (`- key`, or `- other.yaml: [key, ...]`)."""
+    keys = []
+    for entry in stage.get("params", []):
+        keys += [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks]
+    return keys
+
+
+STAGES = dvc_stages()
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_declares_the_code_and_params_its_command_reads(name: str) -> None:
+    stage = STAGES[name]
+    files, keys = stage_reads(stage["cmd"])
+    deps = [Path(d) for d in stage.get("deps", [])]
+    params = declared_params(stage)
+    missing_deps = sorted(str(f) for f in files if not any(f == d or d in f.parents for d in deps))
+    missing_params = sorted(k or "<the whole Params object>" for k in keys
+                            if not any(k == p or k.startswith(p + ".") for p in params))
+    assert not missing_deps, f"{name}: dvc.yaml deps lack {missing_deps} (its command `{stage['cmd']}` runs them)"
+    assert not missing_params, f"{name}: dvc.yaml params lack {missing_params} (its command `{stage['cmd']}` reads them)"
+
+
+def test_the_analysis_finds_what_it_must() -> None:
+    """The reader itself, on commands whose reads are known: it cannot pass by seeing nothing."""
+    files, keys = stage_reads("kdas train teacher")
+    assert {Path("kdas/cli.py"), Path("kdas/config.py"), Path("kdas/training/engine.py"), Path("kdas/metrics.py"),
+            Path("kdas/checkpoint.py"), Path("kdas/io.py"), Path("kdas/models/polyp_pvt.py")} <= files
+    assert {"train.nproc_per_node", "model.teacher", "model.teacher.weights", "train"} <= keys
+    assert not any(k.startswith("model.student") for k in keys)
+    files, keys = stage_reads("kdas train student")
+    assert {"distill", "model.student"} <= keys and not any(k.startswith("model.teacher") for k in keys)
+    assert "distill" not in stage_reads("kdas train teacher")[1]  # the teacher's stage is not re-run by a distill key
+    files, keys = stage_reads("kdas register --role student")
+    assert {"register.student_name", "register.teacher_name"} <= keys and Path("kdas/cli.py") in files
+    files, keys = stage_reads("kdas data synth")
+    assert keys >= {"data.synth", "data.synth.n_images"} and all(k.startswith("data.synth") for k in keys)
+    assert Path("kdas/data/synth.py") in files
