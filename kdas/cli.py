@@ -214,8 +214,10 @@ def _train_options(f):
 
 def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, out: Path | None, teacher: Path | None, **kw) -> None:
     """`distill` None: the ground truth alone, and no distill.* key read (the teacher's stage does not depend on them)."""
+    import hashlib
+
     from kdas import tracking
-    from kdas.data.manifest import read_manifest
+    from kdas.data.manifest import data_id, read_manifest
     from kdas.models import resolve_backbone
     from kdas.models.registry import check_weights
     from kdas.training import TrainJob, train as run_train
@@ -236,6 +238,10 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
         return
     logged = {"role": role, "teacher": str(teacher or ""), "train": params.train, "model": spec, **({"distill": distill} if distill else {})}
     with tracking.stage_run(f"train_{role}", logged) as run:
+        # what the model file records of its origin: its MLflow run, its data, its teacher
+        job.info = {"mlflow_run_id": run.info.run_id, "train_data": data_id(job.manifest[job.manifest["split"].isin(["train", "val"])])}
+        if teacher is not None and job.method != "none":
+            job.info |= {"teacher": str(teacher), "teacher_sha256": hashlib.sha256(Path(teacher).read_bytes()).hexdigest()}
         job.on_epoch = tracking.log_metrics
         result = run_train(job)
         tracking.log_metrics({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
@@ -299,6 +305,7 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     per_image.csv, curves.csv/.png, datasets.csv/.png and grid.png (worst and best cases).
     """
     from kdas import tracking
+    from kdas.checkpoint import load_model
     from kdas.data.manifest import read_manifest
     from kdas.evaluation import evaluate_model
     from kdas.inference import Segmenter
@@ -306,8 +313,9 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     params = params_of(ctx)
     model_ref = model_ref or f"models/{role}/best.pt"
     out = out or REPORTS / "evaluate" / role
-    with tracking.stage_run(f"evaluate_{role}", {"model": model_ref, "evaluate": params.evaluate}):
-        seg = Segmenter.load(tracking.resolve_model_file(model_ref), device)
+    model_file = tracking.resolve_model_file(model_ref)
+    seg = Segmenter.load(model_file, device)
+    with tracking.model_run(load_model(model_file).info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate}):
         result = evaluate_model(seg, read_manifest(manifest), out, batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
         tracking.log_metrics({"test": result["datasets"], "test_published": result["published"],
                               "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})
@@ -351,7 +359,13 @@ def metrics_cmd(pred_dir: Path, gt_dir: Path, json_out: Path | None) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Where the version is recorded (default: reports/register/<role>.json).")
 @click.pass_context
 def register(ctx: click.Context, role: str, model_file: Path | None, metrics_file: Path | None, out: Path | None) -> None:
-    """Log the model to MLflow and register it as a new version, alias `challenger`."""
+    """Log the model to MLflow and register it as a new version, alias `challenger`.
+
+    The version is logged in the model's training run and carries its data, commit, params
+    and metrics; registering the same model file again adds no version.
+    """
+    import dataclasses
+
     from kdas import tracking
     from kdas.io import write_text
 
@@ -360,13 +374,15 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     metrics_file = metrics_file or REPORTS / "evaluate" / role / "metrics.json"
     if not metrics_file.exists():
         raise FileNotFoundError(f"{metrics_file}: no evaluation; run `kdas evaluate --role {role}` first")
-    tests = {d: m for d, m in json.loads(metrics_file.read_text())["datasets"].items() if d != "mean"}
+    evaluation = json.loads(metrics_file.read_text())
+    tests = {d: m for d, m in evaluation["datasets"].items() if d != "mean"}
     name = _registry_name(ctx, role)
-    with tracking.stage_run(f"register_{role}", {"model": str(model_file), "name": name}):
-        version = tracking.register_model(model_file, name, tests, serving_config={"max_side": params.validation.max_size})
+    version = tracking.register_model(model_file, name, tests, evaluation_data=evaluation["data"], teacher_name=params.register.teacher_name,
+                                      serving_config={"max_side": params.validation.max_size, **dataclasses.asdict(params.serve)})
     out = out or REPORTS / "register" / f"{role}.json"
     write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri}, indent=2))
-    click.echo(f"registered {version.model_uri} (alias challenger); promote it with `kdas promote --role {role}`")
+    again = " (this model file was registered before: no new version)" if version.existed else ""
+    click.echo(f"registered {version.model_uri}{again} (alias challenger); promote it with `kdas promote --role {role}`")
 
 
 @main.command()
@@ -376,7 +392,8 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
 def promote(ctx: click.Context, role: str, out: Path | None) -> None:
     """Move `champion` to the challenger if it passes the gate in params.yaml (register.gate).
 
-    Exits 0 either way; the decision and its evidence are printed, written to --out and
+    Like for like: a champion scored on other test data is first evaluated on this
+    workspace's test sets. Exits 0 either way; the decision and its evidence are printed, written to --out and
     tagged on the model version.
     """
     from dataclasses import asdict
@@ -384,7 +401,21 @@ def promote(ctx: click.Context, role: str, out: Path | None) -> None:
     from kdas import tracking
     from kdas.io import write_text
 
-    decision = tracking.promote(_registry_name(ctx, role), params_of(ctx).register.gate)
+    params = params_of(ctx)
+
+    def evaluate_champion(uri: str) -> tuple[dict[str, float], str]:
+        """The champion on the challenger's test sets (this workspace's manifest)."""
+        from kdas.data.manifest import read_manifest
+        from kdas.evaluation import evaluate_model
+        from kdas.inference import Segmenter
+
+        click.echo(f"{uri} was scored on other data: evaluating it on this workspace's test sets first")
+        seg = Segmenter.load(tracking.resolve_model_file(uri))
+        result = evaluate_model(seg, read_manifest(MANIFEST), REPORTS / "promotion" / f"{role}-champion",
+                                batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
+        return result["datasets"]["mean"], result["data"]
+
+    decision = tracking.promote(_registry_name(ctx, role), params.register.gate, evaluate_champion)
     out = out or REPORTS / "promotion" / f"{role}.json"
     write_text(out, json.dumps(asdict(decision), indent=2))
     verdict = "promoted" if decision.promoted else "not promoted"
@@ -428,7 +459,13 @@ def predict(images: tuple[Path, ...], model_ref: str, out: Path, threshold: floa
         from kdas import tracking
         from kdas.inference import Segmenter
 
-        seg = Segmenter.load(tracking.resolve_model_file(model_ref), device)
+        from kdas.checkpoint import load_model
+
+        model_file = tracking.resolve_model_file(model_ref)
+        seg = Segmenter.load(model_file, device)
+        info = load_model(model_file).info
+        click.echo(tracking.version_summary(model_ref) or
+                   f"model {model_file}: trained on {info.get('train_data', 'unknown data')} (MLflow run {info.get('mlflow_run_id', '?')})")
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
         image = read_rgb(path)

@@ -117,6 +117,13 @@ class RegisterParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    max_rows: int
+    max_pixels: int
+    threshold: float
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     validation: ValidationParams
@@ -125,6 +132,7 @@ class Params:
     distill: DistillParams
     evaluate: EvaluateParams
     register: RegisterParams
+    serve: ServeParams
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -196,6 +204,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.patience": (1, 1e6), "train.workers": (0, 256), "train.nproc_per_node": (1, 1024),
     "distill.alpha": (0, 1), "distill.tau": (1e-6, 1e3), "distill.pool_stride": (1, 64),
     "evaluate.batch_size": (1, 1e5), "evaluate.grid_size": (1, 100), "register.gate.floor": (0, 1), "register.gate.margin": (0, 1),
+    "serve.max_rows": (1, 1e4), "serve.max_pixels": (1, 1e10), "serve.threshold": (0, 1),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "distill.method": ("none", "sgm", "kdas"),
@@ -239,6 +248,7 @@ _SUBTYPES: dict[tuple[type, str], type] = {
     (Params, "evaluate"): EvaluateParams,
     (Params, "register"): RegisterParams,
     (RegisterParams, "gate"): GateParams,
+    (Params, "serve"): ServeParams,
 }
 
 

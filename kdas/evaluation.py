@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from kdas.data.manifest import data_id  # noqa: E402
 from kdas.inference import PREPARATIONS, Segmenter, prepare  # noqa: E402
 from kdas.io import atomic_path, binarise, read_mask, read_rgb, write_text  # noqa: E402
 from kdas.metrics import Evaluator  # noqa: E402
@@ -117,7 +118,7 @@ def evaluate_model(seg: Segmenter, manifest: pd.DataFrame, out_dir: str | Path, 
     for table in (metrics, published):
         table["mean"] = {k: float(np.mean([m[k] for m in table.values()])) for k in HEADLINE}
     efficiency = measure_efficiency(seg, batch_size)
-    result = {"preparation": {"datasets": f"calibrated: {PREPARATIONS['calibrated']}", "published": f"published: {PREPARATIONS['published']}"},
+    result = {"data": data_id(tests), "preparation": {"datasets": f"calibrated: {PREPARATIONS['calibrated']}", "published": f"published: {PREPARATIONS['published']}"},
               "datasets": metrics, "published": published, "efficiency": asdict(efficiency)}
     _write(out_dir, result, pd.concat(per_image), pd.concat(curves), cases, grid_size)
     return result

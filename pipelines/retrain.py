@@ -29,13 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from kdas import tracking
 from kdas.config import load_params, profile_updates, set_params
+from kdas.provenance import dvc_hashes
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
 STOP_GRACE_S = 30  # how long a signalled stage may take to exit before it is killed
@@ -73,13 +73,6 @@ def workspace_lock(workspace: Path) -> Iterator[None]:
 def _env() -> dict[str, str]:
     """kdas and dvc from this interpreter's environment, whatever PATH says."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def _lock_entry(workspace: Path, stage: str) -> dict | None:
-    lock = workspace / "dvc.lock"
-    if not lock.exists():
-        return None
-    return yaml.safe_load(lock.read_text()).get("stages", {}).get(stage)  # foreach items are keyed "stage@item"
 
 
 def _run(cmd: list[str], workspace: Path) -> list[str]:
@@ -199,7 +192,7 @@ def _publish_validation(workspace: Path) -> dict | None:
 
 def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, dict | None], skipped: list[str]) -> str:
     params = load_params(workspace / "params.yaml")
-    manifest = (_lock_entry(workspace, "manifest") or {}).get("outs", [{}])[0].get("md5", "?")
+    manifest = dvc_hashes(workspace).get("data/manifest.parquet", "?")
     lines = ["# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
              f"- teacher: {params.model.teacher.backbone}, student: {params.model.student.backbone}, "
              f"{params.train.image_size} px, {params.train.epochs} epochs, distillation: `{params.distill.method}`",
@@ -207,7 +200,7 @@ def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, d
     for role, decision in decisions.items():
         metrics = json.loads((workspace / "reports" / "evaluate" / role / "metrics.json").read_text())["datasets"]
         before = champions[role]
-        versus = f"champion before (version {before['version']})" if before else "champion before (none)"
+        versus = f"champion before (version {before['version']}, scored on {before['data']})" if before else "champion before (none)"
         verdict = ("promoted to champion" if decision["promoted"] else
                    "already champion" if decision["challenger"] == decision["champion_before"] else "not promoted")
         lines += [f"## {role}: {verdict}\n", f"{decision['reason']}\n",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,12 +15,17 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import MLFLOW_QUIET, free_port, stop, wait_for_http
 from kdas import tracking
 from kdas.checkpoint import load_model, save_model
-from kdas.config import GateParams
+from kdas.config import GateParams, SplitParams, SynthParams
+from kdas.data.manifest import build_manifest, data_id
+from kdas.data.synth import write_synth
+from kdas.evaluation import evaluate_model
+from kdas.inference import Segmenter
 from kdas.models import create_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -67,10 +73,18 @@ def project(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return tmp_path
 
 
+DATA = "synth@000000000000"  # the evaluation data id of the registrations below
+
+
+def tiny_model(folder: Path, n: int, **info) -> Path:
+    """A distinct tiny model file (its content, hence its registry identity, differs by n)."""
+    torch.manual_seed(n)
+    return save_model(folder / f"model{n}.pt", create_model(TINY), image_size=64, info=info)
+
+
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "student.pt"
-    return save_model(path, create_model(TINY), image_size=64, info={})
+    return tiny_model(tmp_path_factory.mktemp("model"), 0)
 
 
 def aliases(name: str) -> dict[str, str]:
@@ -82,9 +96,9 @@ def version_tags(name: str, version: str) -> dict[str, str]:
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, version).tags
 
 
-def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path, model_file: Path) -> None:
+def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> None:
     name = "student-lifecycle"
-    v1 = tracking.register_model(model_file, name, {"kvasir/meanDic": 0.6, "cvc/meanDic": 0.6})
+    v1 = tracking.register_model(tiny_model(project, 1), name, {"kvasir": {"meanDic": 0.6}, "cvc": {"meanDic": 0.6}}, evaluation_data=DATA)
     assert (v1.name, v1.version) == (name, "1")
     assert aliases(name) == {"challenger": "1"}
     assert float(version_tags(name, "1")["metric.meanDic"]) == pytest.approx(0.6)
@@ -93,7 +107,7 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path, model_
     assert first.promoted and first.challenger == "1" and first.champion_before is None
     assert aliases(name)["champion"] == "1"
 
-    tracking.register_model(model_file, name, {"kvasir/meanDic": 0.9, "cvc/meanDic": 0.7})
+    tracking.register_model(tiny_model(project, 2), name, {"kvasir": {"meanDic": 0.9}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA)
     better = tracking.promote(name, GATE)
     assert better.promoted
     assert (better.challenger, better.champion_before) == ("2", "1")
@@ -101,7 +115,7 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path, model_
     assert aliases(name) == {"champion": "2", "challenger": "2"}
     assert version_tags(name, "2")["previous_champion"] == "1"
 
-    tracking.register_model(model_file, name, {"kvasir/meanDic": 0.8, "cvc/meanDic": 0.7})  # 0.75
+    tracking.register_model(tiny_model(project, 3), name, {"kvasir": {"meanDic": 0.8}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA)
     worse = tracking.promote(name, GATE)
     assert not worse.promoted
     assert "0.7500 < champion 0.8000" in worse.reason
@@ -111,14 +125,14 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path, model_
     assert tags["promotion.reason"] == worse.reason
     assert float(tags["promotion.challenger_score"]) == pytest.approx(0.75)
     assert float(tags["promotion.champion_score"]) == pytest.approx(0.8)
-    assert tags["promotion.champion_before"] == "2"
+    assert tags["promotion.champion_before"] == "2" and tags["promotion.champion_data"] == tags["promotion.challenger_data"] == DATA
     assert version_tags(name, "2")["promotion.decision"] == "promoted"
 
     again = tracking.promote(name, GATE)  # deterministic: the same challenger is refused again
     assert not again.promoted and aliases(name)["champion"] == "2"
 
     report = tracking.champion_metrics(name)
-    assert report is not None and report["version"] == "2"
+    assert report is not None and report["version"] == "2" and report["data"] == DATA
     assert report["metrics"]["meanDic"] == pytest.approx(0.8)
 
     assert tracking.rollback(name) == "1"
@@ -129,49 +143,78 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path, model_
     assert aliases(name)["champion"] == "1"
 
 
-def test_gate_refusals_and_errors(project: Path, model_file: Path) -> None:
-    name = "student-errors"
-    with pytest.raises(tracking.RegistryError, match="no registered model 'student-errors'"):
-        tracking.promote(name, GATE)
-    assert tracking.champion_metrics(name) is None
-
-    with tracking.stage_run("evaluate") as run:
-        pass
-    version = tracking.register_model(model_file, name, {"kvasir/MAE": 0.03}, run_id=run.info.run_id)
-    assert version.run_id == run.info.run_id  # logged into the given run
+def test_a_retried_register_adds_no_second_version(project: Path, model_file: Path) -> None:
+    name = "student-retry"
+    first = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA)
+    retry = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA)
+    assert (first.version, first.existed) == ("1", False) and (retry.version, retry.existed) == ("1", True)
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
-
-    unscored = tracking.promote(name, GATE)
-    assert not unscored.promoted and "no numeric 'metric.meanDic' tag" in unscored.reason
-    client.set_model_version_tag(name, "1", "metric.meanDic", "0.1")
-    low = tracking.promote(name, GATE)
-    assert not low.promoted and "below the floor 0.2" in low.reason
-    assert version_tags(name, "1")["promotion.decision"] == "rejected"
-    assert aliases(name) == {"challenger": "1"}
-    assert tracking.champion_metrics(name) is None
-    with pytest.raises(tracking.RegistryError, match="no 'champion': nothing to roll back"):
-        tracking.rollback(name)
-
-    # a failure half-way puts the aliases back
-    with pytest.raises(RuntimeError, match="half-way"):
-        with tracking._aliases_restored_on_error(client, name):
-            client.set_registered_model_alias(name, "champion", "1")
-            client.delete_registered_model_alias(name, "challenger")
-            raise RuntimeError("half-way")
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
     assert aliases(name) == {"challenger": "1"}
 
-    client.set_model_version_tag(name, "1", "metric.meanDic", "0.5")
-    assert tracking.promote(name, GATE).promoted
-    with pytest.raises(tracking.RegistryError, match="replaced no earlier champion"):
-        tracking.rollback(name)
-    assert tracking.promote(name, GATE).reason == "version 1 already is the champion"
-    assert version_tags(name, "1")["promotion.decision"] == "promoted"  # evidence kept
+
+def test_the_version_names_its_data_commit_training_run_and_teacher(project: Path) -> None:
+    with tracking.stage_run("train_teacher") as teacher_run:
+        pass
+    teacher_file = tiny_model(project, 10, role="teacher", mlflow_run_id=teacher_run.info.run_id, train_data="kvasir-seg@aaaa")
+    teacher = tracking.register_model(teacher_file, "teacher-lineage", {"kvasir-seg": {"meanDic": 0.8}}, evaluation_data=DATA)
+    with tracking.stage_run("train_student") as student_run:
+        pass
+    sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
+    student_file = tiny_model(project, 11, role="student", method="kdas", mlflow_run_id=student_run.info.run_id,
+                              train_data="kvasir-seg@aaaa", teacher=str(teacher_file), teacher_sha256=sha)
+    version = tracking.register_model(student_file, "student-lineage", {"kvasir-seg": {"meanDic": 0.75}}, evaluation_data=DATA,
+                                      teacher_name="teacher-lineage")
+    assert version.run_id == student_run.info.run_id  # logged in the model's own training run: one record
+    tags = version_tags("student-lineage", version.version)
+    assert tags["kdas.train_data"] == "kvasir-seg@aaaa" and tags["kdas.eval_data"] == DATA
+    assert tags["kdas.training_run"] == student_run.info.run_id
+    assert tags["kdas.teacher_version"] == f"teacher-lineage/{teacher.version}"
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    description = client.get_model_version("student-lineage", version.version).description
+    assert "distilled (kdas) from teacher-lineage/1" in description and "kvasir-seg@aaaa" in description
+    # the test-set metrics sit on the logged model, per evaluation dataset
+    logged = client.get_logged_model(client.get_model_version("student-lineage", version.version).model_id)
+    assert {(m.key, m.dataset_name) for m in logged.metrics} >= {("test/kvasir-seg/meanDic", "kvasir-seg")}
+    assert "trained on kvasir-seg@aaaa" in tracking.version_summary("models:/student-lineage@challenger")
+
+
+def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tmp_path: Path) -> None:
+    """A champion scored on data A meets a challenger scored on data B: it is evaluated on B
+    first (by the real evaluation), and the gate compares the two on B, both ways."""
+    root = tmp_path / "b"
+    write_synth(root / "raw" / "synth", SynthParams(n_images=8, size=64, empty_fraction=0.0, seed=5))
+    manifest = build_manifest(root / "raw", ["synth"], SplitParams(val_fraction=0.0, test_fraction=0.5, seed=0),
+                              near_duplicate_distance=4, workers=1)
+    calls = []
+
+    def evaluate_on_b(uri: str) -> tuple[dict[str, float], str]:
+        calls.append(uri)
+        result = evaluate_model(Segmenter.load(tracking.resolve_model_file(uri), "cpu"), manifest, tmp_path / f"eval{len(calls)}",
+                                batch_size=4, grid_size=1)
+        return result["datasets"]["mean"], result["data"]
+
+    data_b = data_id(manifest[manifest["split"] == "test"])
+    for name, delta, promoted in (("compare-better", +0.05, True), ("compare-worse", -0.05, False)):
+        champion = tiny_model(project, 20)
+        tracking.register_model(champion, name, {"kvasir-seg": {"meanDic": 0.99}}, evaluation_data="kvasir-seg@aaaaaaaaaaaa")
+        assert tracking.promote(name, GATE).promoted
+        on_b = evaluate_on_b(str(champion))[0]["meanDic"]  # what the champion scores on B
+        challenger = tiny_model(project, 21 if promoted else 22)
+        tracking.register_model(challenger, name, {"synth": {"meanDic": max(0.21, on_b + delta)}}, evaluation_data=data_b)
+        blind = tracking.promote(name, GATE)  # without a way to evaluate: never decided on other data
+        assert not blind.promoted and "scored on other data" in blind.reason
+        decision = tracking.promote(name, GATE, evaluate_on_b)
+        assert decision.promoted is promoted, decision.reason
+        assert decision.champion_score == pytest.approx(on_b) and decision.champion_data == decision.challenger_data == data_b
+        assert calls[-1] == f"models:/{name}/1"
+        assert float(version_tags(name, "1")[f"eval.{hashlib.sha256(data_b.encode()).hexdigest()[:12]}/meanDic"]) == pytest.approx(on_b)
 
 
 def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Path) -> None:
     name = "student-resolved"
-    v1 = tracking.register_model(model_file, name, {"kvasir/meanDic": 0.7})
+    v1 = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA)
     path = tracking.resolve_model_file(f"models:/{name}@challenger")
     assert path.is_file() and path.is_relative_to(project / ".cache" / "kdas" / "models")
     assert path.read_bytes() == model_file.read_bytes()
@@ -184,7 +227,7 @@ def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Pa
     assert tracking.resolve_model_file(f"runs:/{v1.run_id}/model").read_bytes() == path.read_bytes()
     # the alias moves with a new version: so does the file it resolves to
     other = save_model(project / "other.pt", create_model(TINY), image_size=96, info={})
-    tracking.register_model(other, name, {"kvasir/meanDic": 0.8})
+    tracking.register_model(other, name, {"kvasir": {"meanDic": 0.8}}, evaluation_data=DATA)
     moved = tracking.resolve_model_file(f"models:/{name}@challenger/")
     assert moved != path and load_model(moved).image_size == 96
     # a local path is returned as is
@@ -206,7 +249,7 @@ def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Pa
 
 def test_champion_loads_in_a_fresh_process(project: Path, model_file: Path) -> None:
     name = "student-fresh"
-    tracking.register_model(model_file, name, {"kvasir/meanDic": 0.7})
+    tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA)
     assert tracking.promote(name, GATE).promoted
     code = textwrap.dedent(
         """

@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from kdas import tracking
+from kdas.tracking.served import _serving_config
 
 
 def declared(width: int, height: int) -> str:
@@ -64,7 +65,7 @@ def test_decoded_pixels_are_budgeted_per_request(big):
 
 
 def test_budget_keys_are_serving_config_keys():
-    config = tracking._serving_config({"max_rows": 4, "max_pixels": 10**6})
+    config = _serving_config({"max_rows": 4, "max_pixels": 10**6})
     assert config["max_rows"] == 4 and config["max_pixels"] == 10**6 and config["max_side"] == tracking.SERVING_CONFIG["max_side"]
     with pytest.raises(ValueError, match="unknown serving_config key"):
-        tracking._serving_config({"max_request_rows": 4})
+        _serving_config({"max_request_rows": 4})

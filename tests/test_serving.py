@@ -23,6 +23,7 @@ from PIL import Image
 
 from conftest import MLFLOW_QUIET, free_port, stop, wait_for_http
 from kdas import tracking
+from kdas.codec import decode_mask
 from kdas.checkpoint import save_model
 from kdas.config import GateParams
 from kdas.models import create_model
@@ -50,7 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) ->
         mp.delenv(tracking.PARENT_RUN_ENV, raising=False)
         mp.delenv(tracking.EXPERIMENT_ENV, raising=False)
         model_file = save_model(root / "student.pt", create_model(TINY), image_size=64, info={})
-        tracking.register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, serving_config={"max_side": 1024})
+        tracking.register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={"max_side": 1024})
         assert tracking.promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
         yield uri
 
@@ -108,7 +109,7 @@ def test_masks_come_back_at_each_image_size(endpoint: str) -> None:
             assert mask.format == "PNG" and mask.size == size
             values = set(np.unique(np.asarray(mask)).tolist())
         assert values <= {0, 255}
-        assert pred["foreground_fraction"] == pytest.approx(float(np.mean(tracking.decode_mask(pred["mask"]))))
+        assert pred["foreground_fraction"] == pytest.approx(float(np.mean(decode_mask(pred["mask"]))))
 
 
 _TRUNCATED_PNG = base64.b64encode(base64.b64decode(encoded(64, 64))[:100]).decode()
@@ -166,7 +167,7 @@ def test_pyfunc_in_process(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert model.metadata.get_input_schema().input_names() == ["image"]
     out = model.predict(pd.DataFrame({"image": ["data:image/png;base64," + encoded(20, 10), encoded(9, 9, "JPEG")]}))
     assert list(out.columns) == ["mask", "foreground_fraction"]
-    assert tracking.decode_mask(out["mask"][0]).shape == (10, 20)
+    assert decode_mask(out["mask"][0]).shape == (10, 20)
     assert model.predict(pd.DataFrame({"image": pd.Series([], dtype=str)})).empty
     raw = model.unwrap_python_model()  # bypasses MLflow's schema check: our own checks answer
     with pytest.raises(MlflowException, match="row 0: 'image' must be a base64-encoded .* got NoneType") as err:

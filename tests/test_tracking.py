@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kdas import tracking
+from kdas.promotion import metric_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,14 +141,14 @@ def _make_dir(root: Path) -> Path:
 
 
 def test_metric_tags_average_over_test_sets() -> None:
-    tags = tracking.metric_tags({"kvasir": {"meanDic": 0.9, "MAE": 0.03}, "cvc/meanDic": 0.7})
+    tags = metric_tags({"kvasir": {"meanDic": 0.9, "MAE": 0.03}, "cvc/meanDic": 0.7})
     assert float(tags["metric.meanDic"]) == pytest.approx(0.8)
     assert float(tags["metric.kvasir/MAE"]) == 0.03
     assert float(tags["metric.MAE"]) == 0.03
     # an explicit aggregate wins over the computed mean
-    assert float(tracking.metric_tags({"a/meanDic": 0.2, "meanDic": 0.9})["metric.meanDic"]) == 0.9
+    assert float(metric_tags({"a/meanDic": 0.2, "meanDic": 0.9})["metric.meanDic"]) == 0.9
     with pytest.warns(UserWarning):
-        assert tracking.metric_tags({"a/meanDic": float("nan")}) == {}
+        assert metric_tags({"a/meanDic": float("nan")}) == {}
 
 
 def test_data_lineage_tolerates_missing_dvc_files(mlflow_store: Path) -> None:

@@ -127,6 +127,16 @@ def build_manifest(raw_root: str | Path, datasets: list[str], split: SplitParams
     return df[first + [c for c in df.columns if c not in first]]
 
 
+def data_id(rows: pd.DataFrame) -> str:
+    """Which data, by content: the datasets' names and a hash of the rows' image and mask
+    bytes (their sha256), e.g. ``cvc-colondb,kvasir-seg@3f2a9c01d4e5``. The same pairs give
+    the same id in any clone; one changed mask changes it."""
+    names = ",".join(sorted(rows["dataset"].astype(str).unique()))
+    keys = sorted(rows["dataset"].astype(str) + "/" + rows["id"].astype(str) + ":" + rows["image_sha256"].astype(str) + ":"
+                  + rows["mask_sha256"].astype(str))
+    return f"{names}@{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:12]}"
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():

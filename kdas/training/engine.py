@@ -62,6 +62,7 @@ class TrainJob:
     device: str = "auto"
     max_steps: int | None = None   # per epoch; for smoke tests and benchmarks
     on_epoch: EpochCallback | None = None
+    info: dict = field(default_factory=dict)  # plain values saved in the model file (run id, data id...)
 
     @property
     def method(self) -> str:
@@ -302,7 +303,7 @@ class Trainer:
             if self.world.is_main:
                 if improved:
                     save_model(self.out_dir / BEST, self.model, image_size=p.image_size,
-                               info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.method})
+                               info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.method, **self.job.info})
                 self.save_last(epoch)
                 log.info("%s epoch %d/%d: loss %.4f, val meanDic %.4f%s", self.job.role, epoch + 1, p.epochs,
                          metrics["train_loss"], metrics["val_meanDic"], " (best)" if improved else "")

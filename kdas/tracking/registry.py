@@ -1,0 +1,323 @@
+"""The model registry: one version per model file, aliases ``challenger`` and
+``champion``, promotion by the pure gate of kdas.promotion on like-for-like evidence.
+
+A registered version is the model's one record: it is logged in the model's training run
+(named by the model file), carries its metrics (per test set, attached to the logged model
+and to each evaluation dataset), the identity of the data it was trained and evaluated on,
+the DVC hashes, the git commit, the training run and, for a student, the teacher version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from kdas.config import GateParams
+from kdas.promotion import METRIC_TAG, Decision, Evidence, decide, metric_tags
+from kdas.provenance import flatten, git_tags, lineage_tags
+from kdas.tracking.runs import log_metrics, model_run
+from kdas.tracking.served import _serving_config, log_segmenter
+from kdas.tracking.store import get_client, project_dir
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS_CHAMPION_TAG = "previous_champion"
+SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
+EVAL_DATA_TAG = "kdas.eval_data"   # what metric.* were measured on
+REEVAL_TAG = "eval."               # eval.<data key>/<metric>: scores on other evaluation data
+
+#: evaluate a registered version (``models:/NAME/VERSION``) on the current test sets:
+#: returns ({metric: mean over the test sets}, evaluation data id)
+Evaluator = Callable[[str], tuple[dict[str, float], str]]
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot proceed (nothing to promote or roll back to...)."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str  # models:/<name>/<version>
+    existed: bool = False  # the same model file was registered before (a retry): no new version
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _data_key(data: str) -> str:
+    return hashlib.sha256(data.encode()).hexdigest()[:12]
+
+
+def _version_of_file(client: MlflowClient, name: str, sha: str) -> Any | None:
+    with contextlib.suppress(MlflowException):
+        found = client.search_model_versions(f"name = '{name}' and tag.`{SHA_TAG}` = '{sha}'")
+        if found:
+            return min(found, key=lambda v: int(v.version))
+    return None
+
+
+def _describe(name: str, config: dict, info: Mapping[str, Any], tags: Mapping[str, str], metrics: Mapping[str, Any]) -> str:
+    role = info.get("role", "model")
+    how = f", distilled ({info.get('method')}) from {tags.get('kdas.teacher_version') or info.get('teacher') or 'a teacher'}" \
+        if info.get("method") not in (None, "none") else ""
+    scores = ", ".join(f"{k.split('/')[0]} {float(v):.4f}" for k, v in flatten(metrics, sep="/").items() if k.endswith("/meanDic"))
+    return (f"kdas {role}: Polyp-PVT on {config['backbone']} at {tags.get('kdas.image_size')} px{how}. "
+            f"Trained on {info.get('train_data', 'unknown data')} (MLflow run {info.get('mlflow_run_id', 'unknown')}, "
+            f"git {tags.get('mlflow.source.git.commit', 'unknown')[:12]}); best val meanDic {info.get('val_meanDic', float('nan')):.4f} "
+            f"at epoch {info.get('epoch', '?')}. Test meanDic (calibrated maps) on {tags.get(EVAL_DATA_TAG)}: {scores}.")
+
+
+def register_model(
+    model_file: str | Path,
+    name: str,
+    metrics: Mapping[str, Any],
+    *,
+    evaluation_data: str,
+    teacher_name: str | None = None,
+    serving_config: Mapping[str, Any] | None = None,
+    onnx: bool = True,
+) -> RegisteredVersion:
+    """Register `model_file` as a version of `name` with alias ``challenger``; idempotent.
+
+    `metrics`: ``{test set: {metric: value}}`` as measured on `evaluation_data` (an id from
+    kdas.evaluation). A model file registered before (same content) gets no second version:
+    the existing one is returned, with ``challenger`` pointed at it unless it is the champion.
+    `onnx`: log the fp32 ONNX export with the version (kdas.export), for onnxruntime serving.
+    """
+    from kdas.checkpoint import load_model
+
+    model_file = Path(model_file)
+    config = _serving_config(serving_config)  # fail before touching the registry
+    if config["runtime"] == "onnxruntime" and not onnx:
+        raise ValueError("serving_config runtime onnxruntime needs the ONNX export: register with onnx=True")
+    loaded = load_model(model_file)  # (a bad file, too)
+    client = get_client()
+    sha = file_sha256(model_file)
+    existing = _version_of_file(client, name, sha)
+    if existing is not None:
+        if client.get_registered_model(name).aliases.get(CHAMPION) != existing.version:
+            client.set_registered_model_alias(name, CHALLENGER, existing.version)
+        return RegisteredVersion(name, str(existing.version), existing.run_id, f"models:/{name}/{existing.version}", existed=True)
+
+    info = loaded.info
+    tags = {**metric_tags(metrics), **git_tags(), **lineage_tags(project_dir()), SHA_TAG: sha, EVAL_DATA_TAG: evaluation_data,
+            "kdas.arch": loaded.config["arch"], "kdas.backbone": loaded.config["backbone"], "kdas.image_size": str(loaded.image_size),
+            "kdas.role": str(info.get("role", "")), "kdas.train_data": str(info.get("train_data", "unknown")),
+            "kdas.training_run": str(info.get("mlflow_run_id", "unknown")), "kdas.method": str(info.get("method", ""))}
+    if info.get("teacher_sha256") and teacher_name:
+        teacher = _version_of_file(client, teacher_name, info["teacher_sha256"])
+        tags["kdas.teacher_version"] = f"{teacher_name}/{teacher.version}" if teacher else f"unregistered ({info.get('teacher')})"
+    with contextlib.ExitStack() as stack:
+        onnx_file = None
+        if onnx:  # before any run or version exists: an export failure leaves no trace
+            from kdas.export import export_onnx
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            onnx_file = export_onnx(loaded, tmp / f"{model_file.stem}.onnx", source=f"{model_file} (registered as {name})")
+            tags["kdas.onnx"] = f"artifacts/{onnx_file.name}"  # its path in the logged model
+        with model_run(info.get("mlflow_run_id"), f"register_{info.get('role', 'model')}") as run:
+            logged = log_segmenter(model_file, serving_config=config, onnx_file=onnx_file)
+            per_set: dict[str, dict[str, Any]] = {}
+            for key, value in flatten(metrics, sep="/").items():
+                dataset, _, metric = key.rpartition("/")
+                per_set.setdefault(dataset or "all", {})[metric] = value
+            for dataset, values in per_set.items():  # attached to the model and to each test set
+                log_metrics({f"test/{dataset}/{k}": v for k, v in values.items()}, model_id=logged.model_id,
+                            dataset=_evaluation_dataset(dataset, evaluation_data))
+            version = mlflow.register_model(logged.model_uri, name, tags=tags)
+            source_run = run.info.run_id
+    client.update_model_version(name, version.version, description=_describe(name, loaded.config, info, tags, metrics))
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return RegisteredVersion(name, str(version.version), source_run, f"models:/{name}/{version.version}")
+
+
+def _evaluation_dataset(name: str, evaluation_data: str) -> Any:
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    # a reference, not the images: which test set, at which content (the data id's hash)
+    return MetaDataset(source=HTTPDatasetSource(f"https://kdas.invalid/test-sets/{name}"), name=name,
+                       digest=_data_key(evaluation_data))
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model '{name}' in {client.tracking_uri}") from None
+        raise
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+@contextlib.contextmanager
+def _aliases_restored_on_error(client: MlflowClient, name: str) -> Iterator[None]:
+    """If anything fails inside, put every alias of `name` back where it was."""
+    before = _aliases(client, name)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            now = _aliases(client, name)
+            for alias in now.keys() - before.keys():
+                client.delete_registered_model_alias(name, alias)
+            for alias, version in before.items():
+                if now.get(alias) != version:
+                    client.set_registered_model_alias(name, alias, version)
+        raise
+
+
+def _number(raw: str | None) -> float | None:
+    try:
+        score = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return score if score is not None and math.isfinite(score) else None
+
+
+def _evidence(client: MlflowClient, name: str, version: str, metric: str, data: str | None = None) -> Evidence:
+    """A version's score on `data` (default: the data it was registered with)."""
+    tags = client.get_model_version(name, version).tags
+    own = tags.get(EVAL_DATA_TAG)
+    if data is None or data == own:
+        return Evidence(version, _number(tags.get(METRIC_TAG + metric)), own)
+    score = _number(tags.get(f"{REEVAL_TAG}{_data_key(data)}/{metric}"))
+    return Evidence(version, score, data if score is not None else own)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None) -> Decision:
+    """Apply the gate (kdas.promotion.decide) to the ``challenger`` version of `name`.
+
+    Like for like: when the champion was scored on other data than the challenger, it is
+    first evaluated on the challenger's test sets by `evaluate` (its scores recorded on its
+    version as ``eval.<data>/<metric>`` tags); without `evaluate`, or if that fails, the
+    decision says so and does not promote. The decision and its evidence (both data ids)
+    are written as ``promotion.*`` tags on the challenger; on promotion the previous
+    champion is remembered and ``champion`` moves, last. A failure leaves the aliases as
+    they were.
+    """
+    client = get_client()
+    aliases = _aliases(client, name)
+    challenger = aliases.get(CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"'{name}' has no '{CHALLENGER}' version: register one first")
+    champion = aliases.get(CHAMPION)
+    ours = _evidence(client, name, challenger, gate.metric)
+    theirs = _evidence(client, name, champion, gate.metric, ours.data) if champion else None
+    if theirs is not None and champion != challenger and theirs.data != ours.data and evaluate is not None:
+        with contextlib.suppress(Exception):  # cannot evaluate: decide() reports the data mismatch
+            means, data = evaluate(f"models:/{name}/{champion}")
+            for metric, value in means.items():
+                client.set_model_version_tag(name, champion, f"{REEVAL_TAG}{_data_key(data)}/{metric}", repr(float(value)))
+            client.set_model_version_tag(name, champion, f"{REEVAL_TAG}{_data_key(data)}.data", data)
+            theirs = _evidence(client, name, champion, gate.metric, ours.data)
+    decided = decide(ours, theirs, gate)
+    if champion == challenger:  # nothing to decide; keep the evidence of its promotion
+        return decided
+    evidence = {
+        "promotion.decision": "promoted" if decided.promoted else "rejected",
+        "promotion.reason": decided.reason[:5000],
+        "promotion.metric": gate.metric,
+        "promotion.margin": repr(gate.margin),
+        "promotion.floor": repr(gate.floor),
+        "promotion.challenger_score": repr(decided.challenger_score),
+        "promotion.champion_score": repr(decided.champion_score),
+        "promotion.challenger_data": str(decided.challenger_data),
+        "promotion.champion_data": str(decided.champion_data),
+        "promotion.champion_before": str(champion),
+        "promotion.time": _now(),
+    }
+    with _aliases_restored_on_error(client, name):
+        for key, value in evidence.items():
+            client.set_model_version_tag(name, challenger, key, value)
+        if decided.promoted:
+            client.set_model_version_tag(name, challenger, PREVIOUS_CHAMPION_TAG, str(champion))
+            client.set_registered_model_alias(name, CHAMPION, challenger)
+    return decided
+
+
+def rollback(name: str) -> str:
+    """Put ``champion`` back on the version it replaced; returns that version.
+
+    The demoted version loses the ``challenger`` alias too (if it had it), so that a
+    re-run of `promote` does not promote it again.
+    """
+    client = get_client()
+    aliases = _aliases(client, name)
+    current = aliases.get(CHAMPION)
+    if current is None:
+        raise RegistryError(f"'{name}' has no '{CHAMPION}': nothing to roll back")
+    previous = client.get_model_version(name, current).tags.get(PREVIOUS_CHAMPION_TAG)
+    if not previous or previous == "None":
+        raise RegistryError(
+            f"'{name}' champion version {current} replaced no earlier champion: nothing to roll back to"
+        )
+    try:
+        client.get_model_version(name, previous)
+    except MlflowException:
+        raise RegistryError(f"'{name}' version {previous} (the previous champion) no longer exists") from None
+    with _aliases_restored_on_error(client, name):
+        note = f"{_now()}: champion back to version {previous}"
+        client.set_model_version_tag(name, current, "promotion.rolled_back", note)
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        if aliases.get(CHALLENGER) == current:
+            client.delete_registered_model_alias(name, CHALLENGER)
+    return previous
+
+
+def champion_metrics(name: str) -> dict[str, Any] | None:
+    """``{"name", "version", "run_id", "data", "metrics": {metric: value}}`` of the champion,
+    or None when `name` is not registered or has no champion."""
+    client = get_client()
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+    metrics = {}
+    for key, value in version.tags.items():
+        if key.startswith(METRIC_TAG):
+            with contextlib.suppress(ValueError):
+                metrics[key[len(METRIC_TAG) :]] = float(value)
+    return {"name": name, "version": str(version.version), "run_id": version.run_id, "data": version.tags.get(EVAL_DATA_TAG),
+            "metrics": metrics}
+
+
+def version_summary(uri: str) -> str | None:
+    """One line on the registered version a ``models:/`` URI names (for predict's output)."""
+    if not uri.startswith("models:/"):
+        return None
+    client = get_client()
+    target = uri[len("models:/"):]
+    with contextlib.suppress(MlflowException, ValueError):
+        if "@" in target:
+            name, alias = target.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = target.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        tags = version.tags
+        return (f"{name} version {version.version}: {tags.get('kdas.backbone', '?')} at {tags.get('kdas.image_size', '?')} px, "
+                f"trained on {tags.get('kdas.train_data', 'unknown data')} (run {tags.get('kdas.training_run', '?')}), "
+                f"test meanDic {tags.get(METRIC_TAG + 'meanDic', '?')} on {tags.get(EVAL_DATA_TAG, '?')}")
+    return None

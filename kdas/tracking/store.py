@@ -1,0 +1,64 @@
+"""The tracking store: where runs and the registry live, and the kdas experiment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT_ENV = "KDAS_EXPERIMENT"
+DEFAULT_EXPERIMENT = "kdas"
+STORE_DIR = "mlflow"  # relative to the project (the working directory)
+# MLflow 3 opens an experiment in its GenAI view unless told this is model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def project_dir() -> Path:
+    return Path.cwd()
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the project's sqlite store (``mlflow/mlflow.db``)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = project_dir() / STORE_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store.resolve() / 'mlflow.db'}"
+
+
+def experiment_name() -> str:
+    return os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+
+
+def get_client() -> MlflowClient:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # the fluent API (runs, log_model) reads the global
+    return MlflowClient(uri)
+
+
+def ensure_experiment(client: MlflowClient | None = None) -> str:
+    """The id of the kdas experiment, created on first use."""
+    client = client or get_client()
+    name = experiment_name()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        # sqlite without a server would put artifacts in ./mlruns: keep them in the store dir
+        location = None
+        if client.tracking_uri.startswith("sqlite:"):
+            location = (project_dir() / STORE_DIR / "artifacts").resolve().as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException as exc:  # another stage created it meanwhile
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        raise RuntimeError(
+            f"MLflow experiment '{name}' is deleted: restore it "
+            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or set {EXPERIMENT_ENV}"
+        )
+    return exp.experiment_id
