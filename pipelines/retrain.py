@@ -19,7 +19,9 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,18 +31,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
-from kdas import tracking
-from kdas.config import load_params, profile_updates, set_params
-from kdas.provenance import dvc_hashes
+# Prefect's server telemetry is noise here (and, on the ephemeral server's sqlite, a
+# "database is locked" traceback at start): off at its source, before prefect is imported
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client-side SDK telemetry
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from kdas import tracking  # noqa: E402
+from kdas.config import load_params, profile_updates, set_params  # noqa: E402
+from kdas.provenance import dvc_hashes  # noqa: E402
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
 STOP_GRACE_S = 30  # how long a signalled stage may take to exit before it is killed
 
 _children: set[subprocess.Popen] = set()  # the commands running now (each leads its own process group)
+_git_hints: set[str] = set()  # files DVC asks to `git add`, said once at the end of the flow
+
+# a `kdas` command's own log line ("INFO kdas.x: message"): Prefect adds its own prefix and level
+_KDAS_LOG = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: (.*)$")
+# DVC's per-stage chatter; what matters of it is said once at the end (see _dvc_line)
+_DVC_NOISE = ("Updating lock file", "To track the changes with git, run:", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
 
 
 class WorkspaceBusy(RuntimeError):
@@ -87,14 +102,34 @@ def _run(cmd: list[str], workspace: Path) -> list[str]:
         for line in proc.stdout:  # type: ignore[union-attr]
             line = line.rstrip()
             if line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
-                logger.info(line)
                 lines.append(line)
+                level, message = _log_level(line)
+                if message is not None:
+                    logger.log(level, message)
         proc.wait()
     finally:
         _children.discard(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(lines[-15:]))
     return lines
+
+
+def _log_level(line: str) -> tuple[int, str | None]:
+    """How a command's output line goes to the flow's log: its level and message (one prefix,
+    Prefect's), or None for DVC's per-stage hints (the files to `git add` are kept for the end)."""
+    stripped = line.strip()
+    if stripped.startswith("git add "):
+        _git_hints.update(stripped.split()[2:])
+        return logging.INFO, None
+    if (stripped in _DVC_NOISE or stripped.startswith(("Updating lock file", "Running stage '"))
+            or stripped.endswith("didn't change, skipping")):
+        return logging.INFO, None
+    match = _KDAS_LOG.match(line)
+    if match:
+        return logging.getLevelName(match[1]), match[2]
+    if stripped.startswith("> "):  # DVC echoes the stage's command
+        return logging.INFO, f"$ {stripped[2:]}"
+    return logging.INFO, line
 
 
 def _stop_children(signum: int, frame: object) -> None:
@@ -140,9 +175,10 @@ def forwarding_signals() -> Iterator[None]:
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(stage: str, workspace: Path) -> bool:
     """`dvc repro --single-item STAGE`; True if it ran, False if DVC found it up to date."""
+    started = time.monotonic()
     output = _run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], workspace)
     ran = f"Running stage '{stage}':" in output
-    get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date, skipped")
+    get_run_logger().info("%s: %s", stage, f"ran in {time.monotonic() - started:.0f} s" if ran else "up to date, skipped")
     return ran
 
 
@@ -266,14 +302,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse-teacher", action="store_true", help="distil from the registered teacher instead of training one")
     parser.add_argument("--teacher-uri", default="models:/kdas-teacher@champion")
     args = parser.parse_args(argv)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     with forwarding_signals():
         retrain(workspace=args.workspace, profile=args.profile, datasets=args.datasets, retrain_teacher=not args.reuse_teacher,
                 teacher_uri=args.teacher_uri, nproc_per_node=args.nproc_per_node)
     print("\nWhere to look:\n"
           f"  reports:  {Path(args.workspace, 'reports').resolve()}/ (validation.html, evaluate/*/grid.png ...)\n"
-          "  DVC:      dvc metrics show; dvc plots show (opens dvc_plots/index.html)\n"
+          "  DVC:      dvc metrics show; dvc plots show (writes dvc_plots/index.html: open it in a browser)\n"
           "  MLflow:   mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db  ->  http://127.0.0.1:5000\n"
-          "  Prefect:  prefect server start  ->  http://127.0.0.1:4200 (flow runs are kept by a running server)")
+          "  Prefect:  prefect server start  ->  http://127.0.0.1:4200 (flow runs are kept in the local Prefect "
+          "database and show there)")
+    if _git_hints:
+        print(f"  git:      git add {' '.join(sorted(_git_hints))}  (DVC's lock of this run; `dvc push` sends the data)")
 
 
 if __name__ == "__main__":
