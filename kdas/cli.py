@@ -245,10 +245,12 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
         job.on_epoch = tracking.log_metrics
         result = run_train(job)
         tracking.log_metrics({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
-        for name in ("history.csv", "metrics.json"):  # the weights go to the registry (kdas register)
-            tracking.log_artifact(out / name, artifact_path=role)
+        for name in ("history.csv", "history.png", "metrics.json"):  # the weights go to the registry (kdas register)
+            if (out / name).exists():
+                tracking.log_artifact(out / name, artifact_path=role)
     click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {job.method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
-    click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'}")
+    click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'} "
+               f"(picture: {out / 'history.png'})")
     click.echo(f"  MLflow:  run {run.info.run_id} in {tracking.tracking_uri()}")
 
 
@@ -302,7 +304,8 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     """Score a model on every test set by the standard protocol.
 
     Writes metrics.json (per test set and their mean, with efficiency figures),
-    per_image.csv, curves.csv/.png, datasets.csv/.png and grid.png (worst and best cases).
+    per_image.csv, curves.csv/.png, datasets.csv/.png, grid.png (worst and best cases, overlaid
+    at threshold 0.5) and compare.png (teacher vs student, once both roles are evaluated).
     """
     from kdas import tracking
     from kdas.checkpoint import load_model

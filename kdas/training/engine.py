@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from tqdm import tqdm
 
 from kdas.checkpoint import load_model, save_model
 from kdas.config import DistillParams, RoleModel, TrainParams
@@ -39,7 +38,9 @@ from kdas.device import autocast, autocast_dtype, select_device
 from kdas.io import atomic_path, write_text
 from kdas.metrics import Evaluator
 from kdas.models import OUTPUT_STRIDE, create_model
+from kdas.training.curves import plot_history
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
+from kdas.training.progress import Progress
 from kdas.training.task import SegmentationTask
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,20 @@ def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int) -> float:
+def validate(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, desc: str = "val") -> float:
     """meanDic of the standard protocol on the val split, at the training size."""
     model.eval()
     evaluator = Evaluator()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    for start, (images, masks) in zip(range(0, len(data), batch_size), loader):
+    progress = Progress(loader, desc)
+    for start, (images, masks) in zip(range(0, len(data), batch_size), progress):
         with autocast(device):
             p1, p2 = model(images.to(device))
         probs = torch.sigmoid((p1 + p2).float()).cpu().numpy()[:, 0]
         for k, (prob, mask) in enumerate(zip(probs, masks.numpy()[:, 0] > 0.5)):
             evaluator.add(data.ids[start + k], prob.astype(np.float64), mask)
+        progress.step(len(probs))
+    progress.close()
     return evaluator.summary()["meanDic"]
 
 
@@ -240,7 +244,8 @@ class Trainer:
             self.train_data.augment.set_random_seed(p.seed * 1000 + epoch)
         sums: dict[str, float] = {}
         n_images, data_time, compute_time = 0, 0.0, 0.0
-        bar = tqdm(self.loader, desc=f"{self.job.role} {epoch + 1}/{p.epochs}", unit="batch", disable=None if self.world.is_main else True, leave=False)
+        total = len(self.loader) if self.job.max_steps is None else min(len(self.loader), self.job.max_steps)
+        bar = Progress(self.loader, f"{self.job.role} epoch {epoch + 1}/{p.epochs}", total=total, enabled=self.world.is_main)
         tick = time.perf_counter()
         for step, (images, masks) in enumerate(bar):
             if self.job.max_steps is not None and step >= self.job.max_steps:
@@ -271,7 +276,8 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             tick = time.perf_counter()
             compute_time += tick - started
-            bar.set_postfix({k: f"{v / n_images / len(p.multiscale):.3f}" for k, v in sums.items()})
+            bar.step(len(images) * self.world.size, **{k: v / n_images / len(p.multiscale) for k, v in sums.items()})
+        bar.close()
         per = max(1, n_images * len(p.multiscale))
         total = data_time + compute_time
         return {
@@ -291,7 +297,8 @@ class Trainer:
             metrics = self.train_epoch(epoch)
             self.scheduler.step()
             if self.world.is_main:
-                metrics["val_meanDic"] = validate(self.model, self.val_data, self.device, p.batch_size)
+                metrics["val_meanDic"] = validate(self.model, self.val_data, self.device, p.batch_size,
+                                                  f"{self.job.role} val {epoch + 1}/{p.epochs}")
                 metrics["epoch_seconds"] = time.perf_counter() - started
             metrics = broadcast(self.world, metrics)
             improved = metrics["val_meanDic"] > self.best
@@ -320,9 +327,11 @@ class Trainer:
         return TrainResult(self.out_dir / BEST, self.best_epoch + 1, self.best, len(self.history), self.history)
 
     def _write_reports(self) -> None:
-        """history.csv (DVC plots) and metrics.json (DVC metrics) beside the model."""
+        """history.csv (DVC plots), history.png (its picture) and metrics.json (DVC metrics) beside the model."""
         with atomic_path(self.out_dir / "history.csv") as tmp:
             pd.DataFrame(self.history).to_csv(tmp, index=False)
+        if self.history:
+            plot_history(self.history, self.out_dir / "history.png")
         summary = {"best_epoch": self.best_epoch + 1, "best_val_meanDic": self.best, "epochs_run": len(self.history),
                    "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in self.history)}
         write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
