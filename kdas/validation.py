@@ -34,6 +34,7 @@ class Finding:
     severity: str  # error | warning
     file: str
     detail: str
+    other: str = ""  # the file a (near-)duplicate finding pairs `file` with
 
 
 @dataclass
@@ -112,6 +113,8 @@ def _run_suite(df: pd.DataFrame, params: ValidationParams, report: ValidationRep
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network calls
     import great_expectations as gx
 
+    # it sets this logger to INFO itself ("Created temporary directory ... for ephemeral docs site")
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     batch = (
@@ -170,7 +173,8 @@ def _leakage(df: pd.DataFrame, params: ValidationParams, report: ValidationRepor
             continue
         counts[rule] += 1
         what = "the same file" if same_bytes else f"a near-duplicate (hash distance {dist[i, j]})"
-        report.findings.append(Finding(rule, severity, a["image_path"], f"{what} of {b['image_path']}: {split[i]} vs {split[j]}"))
+        report.findings.append(Finding(rule, severity, a["image_path"], f"{what} of {b['image_path']}: {split[i]} vs {split[j]}",
+                                       b["image_path"]))
     report.rules += [
         RuleResult("duplicate_across_splits", "error", "no image is in two splits", counts["duplicate_across_splits"]),
         *(RuleResult(f"near_duplicate_{p}", "warning", f"no near-duplicate image in both {' and '.join(p.split('_'))}",
@@ -192,6 +196,85 @@ def validate_manifest(df: pd.DataFrame, params: ValidationParams) -> ValidationR
     return report
 
 
+THUMB_PX = 96  # a thumbnail's longer side in the page
+MAX_THUMBS = 300  # thumbnails per page at most (the page stays a few MB on a large dataset)
+
+
+def thumbnail(path: str, size: int = THUMB_PX) -> str | None:
+    """A small inline JPEG of an image file (a data: URI), or None where it cannot be read."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, format="JPEG", quality=70)
+    except Exception:  # unreadable is what some findings are about: the page says so instead
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _groups(findings: list[Finding]) -> list[list[str]]:
+    """Files linked by (near-)duplicate findings, as connected groups (video frames of one polyp
+    come as chains of pairs), largest first."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for f in findings:
+        parent[root(f.file)] = root(f.other)
+    groups: dict[str, list[str]] = {}
+    for x in sorted(parent):
+        groups.setdefault(root(x), []).append(x)
+    return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+
+
+def _findings_html(report: ValidationReport) -> str:
+    """Findings by rule, errors first: a thumbnail of each file; duplicates as groups of files."""
+    e = html.escape
+    budget = [MAX_THUMBS]
+
+    def thumb(path: str) -> str:
+        if budget[0] <= 0:
+            return "<span class='nothumb'>(no more thumbnails)</span>"
+        budget[0] -= 1
+        uri = thumbnail(path)
+        return f"<img src='{uri}' alt='{e(path)}' title='{e(path)}'>" if uri else "<span class='nothumb'>unreadable</span>"
+
+    by_rule: dict[str, list[Finding]] = {}
+    for f in sorted(report.findings, key=lambda f: (f.severity != "error", f.rule)):
+        by_rule.setdefault(f.rule, []).append(f)
+    parts = []
+    for rule, found in by_rule.items():
+        severity = found[0].severity
+        parts.append(f"<details{' open' if severity == 'error' else ''}><summary><b class='{severity}'>{e(severity)}</b> "
+                     f"<code>{e(rule)}</code>: {len(found)} finding{'s' * (len(found) != 1)}</summary>")
+        if all(f.other for f in found):
+            groups = _groups(found)
+            parts.append(f"<p>{len(groups)} group{'s' * (len(groups) != 1)} of files; each group's details below its pictures.</p>")
+            details = {}
+            for f in found:
+                details.setdefault(f.file, []).append(f.detail)
+            for group in groups[:200]:
+                cells = "".join(f"<figure>{thumb(x)}<figcaption>{e(Path(x).name)}</figcaption></figure>" for x in group)
+                lines = "".join(f"<li><code>{e(x)}</code>: {e(d)}</li>" for x in group for d in details.get(x, []))
+                parts.append(f"<div class='group'><div class='thumbs'>{cells}</div><ul>{lines}</ul></div>")
+        else:
+            rows = "".join(f"<tr><td>{thumb(f.file) if Path(f.file).is_file() else ''}</td><td><code>{e(f.file)}</code></td><td>{e(f.detail)}</td></tr>"
+                           for f in found[:500])
+            parts.append(f"<table><tr><th>picture</th><th>file</th><th>detail</th></tr>{rows}</table>")
+        parts.append("</details>")
+    return "".join(parts) or "<p>None.</p>"
+
+
 def render_html(report: ValidationReport) -> str:
     status = "PASSED" if report.success else "FAILED"
     colour = "#1a7f37" if report.success else "#cf222e"
@@ -202,18 +285,19 @@ def render_html(report: ValidationReport) -> str:
         for r in report.rules
     )
     counts = "".join(f"<tr><td>{e(d)}</td>" + "".join(f"<td>{c.get(s, 0)}</td>" for s in SPLITS) + "</tr>" for d, c in report.counts.items())
-    findings = "".join(
-        f"<tr><td>{e(f.severity)}</td><td>{e(f.rule)}</td><td><code>{e(f.file)}</code></td><td>{e(f.detail)}</td></tr>"
-        for f in sorted(report.findings, key=lambda f: (f.severity != "error", f.rule))[:2000]
-    )
+    findings = _findings_html(report)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>kdas data contract</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#f4f4f4}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#f4f4f4}}
+details{{margin:.6em 0}}summary{{cursor:pointer;font-size:1.05em}}.error{{color:#cf222e}}.warning{{color:#9a6700}}
+.group{{border:1px solid #ddd;border-radius:6px;padding:6px;margin:6px 0}}.thumbs{{display:flex;flex-wrap:wrap;gap:6px}}
+figure{{margin:0;text-align:center;font-size:.75em}}img{{max-height:{THUMB_PX}px;border-radius:3px}}.nothumb{{color:#888;font-size:.8em}}
+ul{{margin:.3em 0;font-size:.85em}}</style></head><body>
 <h1>Data contract: <span style="color:{colour}">{status}</span></h1>
 <p>{report.n_pairs} image/mask pairs, {len(report.errors)} errors, {len(report.warnings)} warnings.</p>
 <h2>Pairs per dataset and split</h2><table><tr><th>dataset</th>{''.join(f'<th>{s}</th>' for s in SPLITS)}</tr>{counts}</table>
 <h2>Rules</h2><table><tr><th>rule</th><th>severity</th><th>expects</th><th>failing</th></tr>{rules}</table>
-<h2>Findings</h2><table><tr><th>severity</th><th>rule</th><th>file</th><th>detail</th></tr>{findings}</table>
+<h2>Findings</h2>{findings}
 </body></html>"""
 
 
