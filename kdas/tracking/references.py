@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
 from kdas.tracking.served import MODEL_FILE_ARTIFACT
-from kdas.tracking.store import get_client, tracking_uri
+from kdas.tracking.store import get_client, local_store, tracking_uri
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # scheme:/... (a 2+ letter scheme: no C:\ drive)
 
@@ -55,6 +55,10 @@ def resolve_model_file(ref: str | Path, cache_dir: str | Path | None = None) -> 
             )
         return path
     uri = str(ref).rstrip("/")
+    store = local_store()
+    if store is not None and not store.exists():  # no store here: say so, and do not create one
+        raise FileNotFoundError(f"{uri}: no MLflow store in {store.parent.resolve()} (run from the project folder, "
+                                "set MLFLOW_TRACKING_URI, or give a model file)")
     get_client()  # models:/ and runs:/ resolve against kdas's store
     try:
         # the storage location first: it pins the version an alias points at right now

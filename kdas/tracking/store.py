@@ -25,9 +25,12 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    store = project_dir() / STORE_DIR
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store.resolve() / 'mlflow.db'}"
+    return f"sqlite:///{local_store().resolve()}"
+
+
+def local_store() -> Path | None:
+    """The project's sqlite file when no MLFLOW_TRACKING_URI is set (it may not exist yet)."""
+    return None if os.environ.get("MLFLOW_TRACKING_URI") else project_dir() / STORE_DIR / "mlflow.db"
 
 
 def experiment_name() -> str:
@@ -35,6 +38,11 @@ def experiment_name() -> str:
 
 
 def get_client() -> MlflowClient:
+    """The client of the store; the project's store folder is made here, where MLflow is
+    about to write (a read-only look, e.g. `kdas predict` outside a project, must not)."""
+    store = local_store()
+    if store is not None:
+        store.parent.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # the fluent API (runs, log_model) reads the global
     return MlflowClient(uri)
