@@ -255,7 +255,7 @@ def _findings_html(report: ValidationReport) -> str:
     parts = []
     for rule, found in by_rule.items():
         severity = found[0].severity
-        parts.append(f"<details{' open' if severity == 'error' else ''}><summary><b class='{severity}'>{e(severity)}</b> "
+        parts.append(f"<details{' open' if severity == 'error' or len(found) <= 50 else ''}><summary><b class='{severity}'>{e(severity)}</b> "
                      f"<code>{e(rule)}</code>: {len(found)} finding{'s' * (len(found) != 1)}</summary>")
         if all(f.other for f in found):
             groups = _groups(found)
