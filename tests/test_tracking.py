@@ -9,8 +9,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import tool_environ
 from kdas import tracking
 from kdas.promotion import metric_tags
 
@@ -29,16 +31,29 @@ def _git(cwd: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def _write_dvc_files(root: Path) -> None:
-    (root / "data" / "raw").mkdir(parents=True)
-    (root / "data" / "raw" / "synth.dvc").write_text("outs:\n- md5: aaaa1111.dir\n  path: synth\n")
+def _dvc_project(root: Path) -> dict[str, str]:
+    """A real git + DVC project: `dvc add` a raw dataset, `dvc repro` a stage that derives
+    data/processed from it. Returns the md5s DVC itself wrote (.dvc file and dvc.lock)."""
+    env = tool_environ()
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)  # noqa: E731
+    (root / ".gitignore").write_text("/mlflow/\n")  # the store changes with every run
+    _git(root, "init", "-q")
+    run("dvc", "init", "-q")
+    (root / "data" / "raw" / "synth").mkdir(parents=True)
+    (root / "data" / "raw" / "synth" / "a.txt").write_text("frame a")
+    run("dvc", "add", "data/raw/synth")
     (root / "dvc.yaml").write_text(
-        "stages:\n  train:\n    cmd: kdas train\n    deps:\n    - data/processed/train\n    - kdas\n"
+        "stages:\n"
+        "  prepare:\n    cmd: mkdir -p data/processed/train && cp data/raw/synth/a.txt data/processed/train/\n"
+        "    deps: [data/raw/synth]\n    outs: [data/processed]\n"
+        "  train:\n    cmd: kdas train\n    deps: [data/processed/train]\n"
     )
-    (root / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  prepare:\n    cmd: kdas data prepare\n    outs:\n"
-        "    - path: data/processed\n      md5: bbbb2222.dir\n"
-    )
+    run("dvc", "repro", "prepare")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "init")
+    raw = yaml.safe_load((root / "data" / "raw" / "synth.dvc").read_text())["outs"][0]["md5"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]["outs"][0]["md5"]
+    return {"raw": raw, "processed": lock}
 
 
 def test_default_store_is_sqlite_in_the_project(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,11 +75,7 @@ def test_default_store_is_sqlite_in_the_project(mlflow_store: Path, monkeypatch:
 
 def test_stage_run_nested_under_pipeline_run(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tracking.EXPERIMENT_ENV, "kdas-test")
-    _write_dvc_files(mlflow_store)
-    (mlflow_store / ".gitignore").write_text("/mlflow/\n")  # the store changes with every run
-    _git(mlflow_store, "init", "-q")
-    _git(mlflow_store, "add", ".")
-    _git(mlflow_store, "commit", "-q", "-m", "init")
+    md5 = _dvc_project(mlflow_store)
     commit = _git(mlflow_store, "rev-parse", "HEAD")
 
     params = {"train": {"lr": 1e-4, "multiscale": [0.75, 1.0]}, "distill": {"method": "kdas"}}
@@ -99,8 +110,8 @@ def test_stage_run_nested_under_pipeline_run(mlflow_store: Path, monkeypatch: py
     assert tags["sys.cpu_count"] == str(os.cpu_count())
     assert "sys.cuda_device" in tags
     # lineage: the raw dataset, and the stage's dep found among the outs upstream in dvc.lock
-    assert tags["dvc.raw.synth"] == "aaaa1111.dir"
-    assert tags["dvc.dep.data/processed/train"] == "bbbb2222.dir"
+    assert tags["dvc.raw.synth"] == md5["raw"] and md5["raw"].endswith(".dir")
+    assert tags["dvc.dep.data/processed/train"] == md5["processed"]
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
