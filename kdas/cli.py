@@ -176,6 +176,22 @@ def params_use(ctx: click.Context, name: str) -> None:
     click.echo("Next: `dvc repro` (or `python -m pipelines.retrain`).")
 
 
+@main.command("plots")
+@click.argument("targets", nargs=-1)
+@click.option("--out", default=Path("dvc_plots"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--png", default=REPORTS / "plots", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Also render each chart to PNG here.")
+def plots_cmd(targets: tuple[str, ...], out: Path, png: Path) -> None:
+    """`dvc plots show` that works offline (chart libraries inlined), plus PNGs.
+
+    Open OUT/index.html in a browser; the PNGs are the same charts as files.
+    """
+    from kdas.plots import show
+
+    written = show(out, png, list(targets))
+    click.echo("\n".join(f"  {p}" for p in written))
+
+
 @main.command("import-teacher")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", default=Path("models/teacher/best.pt"), show_default=True, type=click.Path(dir_okay=False, path_type=Path))
