@@ -40,7 +40,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from kdas.data.manifest import data_id  # noqa: E402
-from kdas.inference import PREPARATIONS, Segmenter, prepare  # noqa: E402
+from kdas.inference import Segmenter  # noqa: E402
+from kdas.maps import PREPARATIONS, prepare  # noqa: E402
 from kdas.io import atomic_path, binarise, read_mask, read_rgb, write_text  # noqa: E402
 from kdas.metrics import Evaluator  # noqa: E402
 from kdas.models import count_macs, count_parameters  # noqa: E402

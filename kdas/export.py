@@ -28,13 +28,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from kdas.maps import prepare, resize
+
 OPSET = 18  # onnxruntime >= 1.16 runs it on CPU and CUDA
 FORMAT = "kdas-onnx/1"
 INPUT = "image"
 OUTPUTS = ("logits", "map")
 META = "kdas."  # prefix of the metadata keys
 ONNX_SUFFIX = ".onnx"
-PREPARATIONS = ("calibrated", "published")  # as kdas.inference.PREPARATIONS
 
 
 # --------------------------------------------------------------------------- onnxruntime (no torch)
@@ -45,27 +46,12 @@ def is_onnx(ref: str | Path) -> bool:
     return str(ref).lower().endswith(ONNX_SUFFIX)
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    # as kdas.data.transforms.resize (which imports torch): the pixels the torch path sees
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
-
-
 def _upsample(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     """S x S float32 -> H x W, bilinear with half-pixel centres (torch's
     ``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing)."""
     if logits.shape == (height, width):
         return logits.astype(np.float32, copy=True)
     return cv2.resize(logits.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def prepare(logits: np.ndarray, preparation: str) -> np.ndarray:
-    """HxW logits -> HxW float32 map in [0, 1]; as ``kdas.inference.prepare``, without torch."""
-    if preparation not in PREPARATIONS:
-        raise ValueError(f"unknown map preparation {preparation!r}; expected one of {', '.join(PREPARATIONS)}")
-    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
-    if preparation == "published":
-        prob = (prob - prob.min()) / (prob.max() - prob.min() + 1e-8)
-    return prob.astype(np.float32)
 
 
 def check_image(image: Any, index: int = 0) -> np.ndarray:
@@ -138,7 +124,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def network_input(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """HxWx3 uint8 images -> B x 3 x size x size float32 RGB in [0, 1] (what the graph takes)."""
-    arrays = [_resize(check_image(im, i), size) for i, im in enumerate(images)]
+    arrays = [resize(check_image(im, i), size) for i, im in enumerate(images)]
     return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
 
 

@@ -1,12 +1,8 @@
 """Images in, maps out: the one inference path behind evaluate, predict and the served
 MLflow model. The model sees each image resized to its training size; its logits
-(P1 + P2) are upsampled back to the image's own size, in fp32, then prepared:
-
-- ``calibrated``: the sigmoid, i.e. the probability a deployed model outputs (an empty
-  frame stays empty). predict and serving use it.
-- ``published``: as the official Polyp-PVT / KDAS test scripts prepare the maps they
-  score: the sigmoid min-max normalised per image to [0, 1] (then saved as 8-bit PNG).
-  Published numbers are measured on such maps; compare with papers on these.
+(P1 + P2) are upsampled back to the image's own size, in fp32, then prepared by
+kdas.maps (``calibrated``: what a deployed model outputs, or ``published``: as the papers'
+test scripts).
 """
 
 from __future__ import annotations
@@ -19,23 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from kdas.checkpoint import ModelFile, load_model
-from kdas.data.transforms import resize, to_tensor
+from kdas.data.transforms import to_tensor
 from kdas.device import select_device
-
-PREPARATIONS = {
-    "calibrated": "sigmoid of the logits upsampled to the image size (what a deployed model outputs)",
-    "published": "as the official test scripts: sigmoid of the upsampled logits, min-max normalised per image",
-}
-
-
-def prepare(logits: np.ndarray, preparation: str) -> np.ndarray:
-    """HxW logits -> HxW float32 map in [0, 1], prepared as named (see PREPARATIONS)."""
-    if preparation not in PREPARATIONS:
-        raise ValueError(f"unknown map preparation {preparation!r}; expected one of {', '.join(PREPARATIONS)}")
-    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
-    if preparation == "published":
-        prob = (prob - prob.min()) / (prob.max() - prob.min() + 1e-8)
-    return prob.astype(np.float32)
+from kdas.maps import prepare, resize
 
 
 class Segmenter:

@@ -17,7 +17,6 @@ from PIL import Image
 
 from conftest import DATASETS, tool_environ
 from kdas import export
-from kdas.codec import decode_mask, encode_image
 from kdas.checkpoint import save_model
 from kdas.cli import main
 from kdas.inference import Segmenter

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import DATASETS, ROOT
 from kdas.config import load_params
-from kdas.data.transforms import resize, to_tensor
+from kdas.data.transforms import to_tensor
+from kdas.maps import resize
 from kdas.io import binarise, read_mask, read_rgb
 from kdas.losses import ATTENTIONS, attention_supervision, distillation_loss, refined_map, structure_loss, symmetric_guiding
 from kdas.models import create_model

@@ -19,7 +19,8 @@ from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, Trai
 from kdas.data.manifest import build_manifest
 from kdas.data.synth import write_synth
 from kdas.evaluation import evaluate_model
-from kdas.inference import Segmenter, prepare
+from kdas.inference import Segmenter
+from kdas.maps import prepare
 from kdas.models import create_model
 from kdas.training import TrainJob, train
 

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     ("data", "synth"): {"n_images": 24, "size": 64, "empty_fraction": 0.1, "seed": 0},
-    ("model", "teacher"): "polyp_pvt_tiny",
-    ("model", "student"): "polyp_pvt_tiny",
+    ("model", "teacher"): {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0},
+    ("model", "student"): {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0},
     ("train", "image_size"): 64,
     ("train", "epochs"): 2,
     ("train", "workers"): 0,
@@ -56,7 +56,7 @@ def project(tmp_path_factory, mlflow_template_db, prefect_server):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "mlflow").mkdir()
     shutil.copy(mlflow_template_db, root / "mlflow" / "mlflow.db")
-    (root / ".gitignore").write_text("/mlflow/\n/models/\n/reports/\n/data/manifest.parquet\n")
+    shutil.copy(ROOT / ".gitignore", root / ".gitignore")  # DVC metrics and plots files are committed, as in the project
     run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, env=tool_environ(), capture_output=True)  # noqa: E731
     run("git", "init", "-q")
     run("dvc", "init", "-q")
@@ -84,19 +84,24 @@ def registry_state(name: str) -> tuple[list[str], dict[str, str]]:
     return versions, aliases
 
 
-def test_first_run_trains_evaluates_registers_and_gates(project):
-    from mlflow.tracking import MlflowClient
-
+@pytest.fixture(scope="module")
+def first_run(project):
+    """The flow's first run in the fresh project (the tests below start from its state)."""
     from pipelines.retrain import retrain
 
     result = retrain(workspace=str(project))
+    registry = {name: registry_state(name) for name in ("kdas-teacher", "kdas-student")}
+    return result, registry
+
+
+def test_first_run_trains_evaluates_registers_and_gates(project, first_run):
+    from mlflow.tracking import MlflowClient
+
+    result, registry = first_run
     assert all(result["ran"].values()), result["ran"]
-    for role, name in (("teacher", "kdas-teacher"), ("student", "kdas-student")):
-        decision = result["decisions"][role]
-        versions, aliases = registry_state(name)
-        assert versions == ["1"]
-        expected = {"challenger": "1", "champion": "1"} if decision["promoted"] else {"challenger": "1"}
-        assert aliases == expected
+    # the gate's floor is 0 and there was no champion: both versions 1 are promoted
+    assert registry == {name: (["1"], {"challenger": "1", "champion": "1"}) for name in ("kdas-teacher", "kdas-student")}
+    assert result["decisions"]["student"]["promoted"] and result["decisions"]["teacher"]["promoted"]
 
     reports = project / "reports" / "evaluate" / "student"
     for name in ("metrics.json", "per_image.csv", "curves.csv", "curves.png", "datasets.png", "grid.png"):
@@ -104,22 +109,30 @@ def test_first_run_trains_evaluates_registers_and_gates(project):
     metrics = json.loads((reports / "metrics.json").read_text())
     assert set(metrics["datasets"]) == {"synth", "mean"} and 0 <= metrics["datasets"]["synth"]["meanDic"] <= 1
 
-    # every stage is an MLflow run nested under the flow's parent run, with lineage
+    # one record per model: its training run, nested under the flow's parent run, holds its
+    # curves, its evaluation and the registered model, with flat params and lineage
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("kdas").experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
+    experiment = client.get_experiment_by_name("kdas")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    by_name = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     parent = by_name["retrain"]
-    for stage in ("train_teacher", "train_student", "evaluate_student", "register_student"):
+    student = by_name["train_student"]
+    for stage in ("train_teacher", "train_student"):
         assert by_name[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
         assert by_name[stage].data.tags["mlflow.source.git.commit"] != "unknown"
-    evaluate = by_name["evaluate_student"]
-    assert "test/synth/meanDic" in evaluate.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate/student")}
+    assert "evaluate_student" not in by_name and "register_student" not in by_name
+    assert student.data.params["distill.alpha"] == "0.3" and student.data.params["train.image_size"] == "64"
+    assert "test/synth/meanDic" in student.data.metrics and student.data.tags["kdas.stage.evaluate_student"] == "done"
+    assert any(key.startswith("dvc.dep.") for key in student.data.tags)
+    artifacts = {a.path for a in client.list_artifacts(student.info.run_id, "evaluate/student")}
     assert {"evaluate/student/grid.png", "evaluate/student/metrics.json"} <= artifacts
-    assert "val_meanDic" in client.get_metric_history(by_name["train_student"].info.run_id, "val_meanDic")[0].key
+    assert client.get_metric_history(student.info.run_id, "val_meanDic")
+    version = client.get_model_version("kdas-student", "1")
+    assert version.run_id == student.info.run_id
+    assert version.tags["kdas.teacher_version"] == "kdas-teacher/1" and version.tags["kdas.train_data"].startswith("synth@")
 
 
-def test_second_run_with_nothing_changed_skips_the_training_stages(project):
+def test_second_run_with_nothing_changed_skips_the_training_stages(project, first_run):
     from pipelines.retrain import retrain
 
     before = registry_state("kdas-student")
@@ -129,7 +142,7 @@ def test_second_run_with_nothing_changed_skips_the_training_stages(project):
     assert registry_state("kdas-student") == before
 
 
-def test_reusing_the_registered_teacher_skips_teacher_training(project):
+def test_reusing_the_registered_teacher_skips_teacher_training(project, first_run):
     from kdas import tracking
     from pipelines.retrain import retrain
 
@@ -140,7 +153,7 @@ def test_reusing_the_registered_teacher_skips_teacher_training(project):
     assert result["ran"]["distill"] is False  # the same teacher: nothing to distil again
 
 
-def test_results_push_to_the_default_remote_and_come_back(project):
+def test_results_push_to_the_default_remote_and_come_back(project, first_run):
     dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=tool_environ(), capture_output=True, text=True)  # noqa: E731
     push = dvc("push")
     assert push.returncode == 0, push.stderr
@@ -154,7 +167,7 @@ def test_results_push_to_the_default_remote_and_come_back(project):
     assert student.read_bytes() == content
 
 
-def test_a_second_flow_in_the_same_workspace_is_refused(project):
+def test_a_second_flow_in_the_same_workspace_is_refused(project, first_run):
     from pipelines.retrain import LOCK, WorkspaceBusy, retrain
 
     with (project / LOCK).open("a+") as held:
@@ -163,22 +176,32 @@ def test_a_second_flow_in_the_same_workspace_is_refused(project):
             retrain(workspace=str(project))
 
 
-def test_a_distillation_param_reruns_distill_evaluate_and_register_only(project):
+def test_distillation_experiments_rerun_distill_evaluate_and_register_only_and_compare(project, first_run):
     dvc = lambda *args: subprocess.run(["dvc", *args], cwd=project, env=tool_environ(), capture_output=True, text=True)  # noqa: E731
+    git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=project, check=True,  # noqa: E731
+                                       capture_output=True)
+    git("add", "-A")
+    git("commit", "-qm", "first run")  # the baseline the experiments compare with
     assert "Data and pipelines are up to date" in dvc("status").stdout
-    exp = dvc("exp", "run", "-S", "distill.alpha=0.5")
-    assert exp.returncode == 0, exp.stderr[-2000:]
-    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"distill", "evaluate@student", "register@student"}
+    versions = len(registry_state("kdas-student")[0])
+    for n, alpha in enumerate((0.5, 0.1), start=1):
+        exp = dvc("exp", "run", "-n", f"alpha-{alpha}", "-S", f"distill.alpha={alpha}")
+        assert exp.returncode == 0, exp.stderr[-2000:]
+        ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+        assert ran == {"distill", "evaluate@student", "register@student"}
+        assert registry_state("kdas-student")[0] == [str(v) for v in range(1, versions + n + 1)]  # the experiment's student
+    shown = json.loads(dvc("exp", "show", "--json").stdout)
+    found = {rev["name"]: rev["data"]["metrics"] for exp in shown[0]["experiments"] for rev in exp["revs"] if rev.get("name")}
+    assert set(found) == {"alpha-0.5", "alpha-0.1"}
+    for metrics in found.values():  # real numbers, not "!"
+        assert 0 <= metrics["reports/evaluate/student/metrics.json"]["data"]["datasets"]["synth"]["meanDic"] <= 1
     diff = dvc("metrics", "diff")
     assert diff.returncode == 0 and "reports/evaluate/student/metrics.json" in diff.stdout
     plots = dvc("plots", "diff", "-o", "plots-diff")
     assert plots.returncode == 0 and (project / "plots-diff" / "index.html").exists()
-    assert registry_state("kdas-student")[0] == ["1", "2"]  # the experiment's student, as challenger
-    assert registry_state("kdas-student")[1]["challenger"] == "2"
 
 
-def test_broken_data_contract_stops_before_training_and_leaves_the_registry(project):
+def test_broken_data_contract_stops_before_training_and_leaves_the_registry(project, first_run):
     from pipelines.retrain import retrain
 
     bad = make_dataset(project / "data" / "raw" / "bad", n=6)
@@ -186,8 +209,13 @@ def test_broken_data_contract_stops_before_training_and_leaves_the_registry(proj
     teacher_before = (project / "models" / "teacher" / "best.pt").read_bytes()
     registry_before = registry_state("kdas-student"), registry_state("kdas-teacher")
 
-    with pytest.raises(Exception, match="validate"):
-        retrain(workspace=str(project), datasets=["synth", "bad"])
+    params = (project / "params.yaml").read_text()
+    try:
+        with pytest.raises(Exception, match="validate"):
+            retrain(workspace=str(project), datasets=["synth", "bad"])
+    finally:  # leave the project as the other tests expect it
+        (project / "params.yaml").write_text(params)
+        shutil.rmtree(bad)
 
     report = json.loads((project / "reports" / "validation.json").read_text())
     assert not report["success"]

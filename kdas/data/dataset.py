@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from kdas.data.transforms import resize, to_tensor, train_augment
+from kdas.data.transforms import to_tensor, train_augment
+from kdas.maps import resize
 from kdas.io import binarise, read_mask, read_rgb
 
 

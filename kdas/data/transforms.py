@@ -10,11 +10,6 @@ import numpy as np
 import torch
 
 
-def resize(image: np.ndarray, size: int, *, mask: bool = False) -> np.ndarray:
-    interpolation = cv2.INTER_NEAREST if mask else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interpolation)
-
-
 def train_augment() -> A.Compose:
     """Geometry (applied to image and mask alike) and colour (image only)."""
     return A.Compose(
