@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -111,7 +112,34 @@ def report() -> str:
         for ds, (dice, iou, mae) in sets.items():
             lines.append(f"| {label} | {ds} | {dice:.3f} | {iou:.3f} | {'-' if mae is None else f'{mae:.3f}'} |")
     lines += ["", "Experiments: " + ", ".join(f"`{k}` ({v['rev'][:7] if v['rev'] else '?'})" for k, v in sorted(exps.items())), ""]
+    lines += lineage()
     return "\n".join(lines)
+
+
+def lineage() -> list[str]:
+    """The code, data and MLflow runs behind the table."""
+    from kdas.provenance import dvc_hashes
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, capture_output=True).stdout.strip()
+    hashes = dvc_hashes(ROOT)
+    lines = ["## Lineage", "", f"- code: git commit `{commit}` (the experiments' baseline)",
+             f"- data: `data/manifest.parquet` md5 `{hashes.get('data/manifest.parquet', '?')}`; "
+             + ", ".join(f"`{k}` `{v}`" for k, v in sorted(hashes.items()) if k.startswith("data/raw/"))]
+    store = ROOT / "mlflow" / "mlflow.db"
+    if store.exists():
+        import sqlite3
+
+        rows = sqlite3.connect(store).execute(
+            "select r.name, r.run_uuid, r.status, coalesce(p.value, '') from runs r left join params p "
+            "on p.run_uuid = r.run_uuid and p.key in ('distill', 'distill.method') "
+            "where r.name like 'train_%' order by r.start_time").fetchall()
+        def method(value: str) -> str:  # "DistillParams(method='kdas', ...)" or "kdas"
+            found = re.search(r"method=.([a-z]+)", value)
+            return found.group(1) if found else value
+
+        lines.append("- MLflow runs (`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`): "
+                     + "; ".join(f"{name} {method(m)} `{run}` ({status})" for name, run, status, m in rows))
+    return lines + [""]
 
 
 def main() -> None:
