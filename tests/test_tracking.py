@@ -165,3 +165,21 @@ def test_metric_tags_average_over_test_sets() -> None:
 def test_data_lineage_tolerates_missing_dvc_files(mlflow_store: Path) -> None:
     with tracking.stage_run("train"):
         assert tracking.log_data_lineage(["data/processed"], stage="train") == {}
+
+
+def test_an_unreachable_tracking_server_is_one_line_in_seconds(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**tool_environ(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    model = tmp_path / "m.pt"
+    from kdas.checkpoint import save_model
+    from kdas.models import create_model
+
+    save_model(model, create_model("polyp_pvt_tiny"), image_size=64)
+    out = subprocess.run([sys.executable, "-m", "kdas", "predict", str(model), "--model", "models:/x@champion"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 1  # after a 5 s probe, not MLflow's minutes of retries
+    assert f"http://127.0.0.1:{port} does not answer" in out.stderr and "Traceback" not in out.stderr

@@ -246,12 +246,15 @@ def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None) -> D
         "promotion.champion_before": str(champion),
         "promotion.time": _now(),
     }
+    decision = evidence.pop("promotion.decision")
     with _aliases_restored_on_error(client, name):
         for key, value in evidence.items():
             client.set_model_version_tag(name, challenger, key, value)
         if decided.promoted:
             client.set_model_version_tag(name, challenger, PREVIOUS_CHAMPION_TAG, str(champion))
             client.set_registered_model_alias(name, CHAMPION, challenger)
+        # last: a store that dies half-way never leaves a version tagged promoted whose alias did not move
+        client.set_model_version_tag(name, challenger, "promotion.decision", decision)
     return decided
 
 

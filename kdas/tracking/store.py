@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -44,8 +46,23 @@ def get_client() -> MlflowClient:
     if store is not None:
         store.parent.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
+    _check_reachable(uri)
     mlflow.set_tracking_uri(uri)  # the fluent API (runs, log_model) reads the global
     return MlflowClient(uri)
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails in seconds, with what to do (MLflow's
+    own client retries for minutes, then raises a traceback)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout).close()
+    except OSError as exc:
+        raise RuntimeError(f"the MLflow tracking server {uri} does not answer ({exc.strerror or exc}); start it "
+                           "(see mlflow/README.md) or unset MLFLOW_TRACKING_URI to use the project's own store") from None
 
 
 def ensure_experiment(client: MlflowClient | None = None) -> str:
