@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow
 def project(workdir, mlflow_store):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["data"]["synth"].update(n_images=20, size=64)
-    params["model"].update(teacher="polyp_pvt_tiny", student="polyp_pvt_tiny")
+    tiny = {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0}
+    params["model"].update(teacher=tiny, student=tiny)
     params["train"].update(image_size=64, epochs=1, workers=0)
+    params["register"]["gate"]["floor"] = 0.0
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return workdir
 
@@ -48,6 +50,17 @@ def test_data_train_each_method_evaluate_predict_and_score(project):
         assert f"method {method}" in out and f"models/{method}/best.pt" in out
     out = kdas("evaluate", "--model", "models/kdas/best.pt")
     assert "synth" in out and "images/s" in out and (project / "reports/evaluate/student/grid.png").exists()
+
+    # register, promote, rollback (the same evaluation data for both versions: like for like)
+    assert "registered models:/kdas-student/1" in kdas("register", "--model", "models/kdas/best.pt")
+    assert "version 1: promoted" in kdas("promote")
+    assert "no new version" in kdas("register", "--model", "models/kdas/best.pt")  # a retry
+    assert "registered models:/kdas-student/2" in kdas("register", "--model", "models/none/best.pt")
+    assert "version 2: promoted" in kdas("promote")  # the same scores: within the margin
+    assert "champion is version 1 again" in kdas("rollback")
+    decision = json.loads((project / "reports/promotion/student.json").read_text())
+    assert decision["challenger_data"] == decision["champion_data"] == json.loads(
+        (project / "reports/evaluate/student/metrics.json").read_text())["data"]
 
     image = project / "data/raw/synth/images/synth_0001.png"
     kdas("predict", str(image), "--model", "models/kdas/best.pt", "--out", "pred")
@@ -77,7 +90,7 @@ def test_bad_params_say_what_is_wrong(project):
     text = (project / "params.yaml").read_text().replace("method: kdas", "method: magic")
     (project / "params.yaml").write_text(text)
     result = CliRunner().invoke(main, ["train", "student"])
-    assert result.exit_code == 1 and "distill.method must be none, sgm or kdas, not 'magic'" in result.output
+    assert result.exit_code == 1 and "distill.method must be one of none, sgm, kdas, not 'magic'" in result.output
 
 
 def test_nproc_per_node_relaunches_training_under_torchrun(project, tool_env):
