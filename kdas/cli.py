@@ -253,7 +253,7 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
         run_train(job)
         return
     logged = {"role": role, "teacher": str(teacher or ""), "train": params.train, "model": spec, **({"distill": distill} if distill else {})}
-    with tracking.stage_run(f"train_{role}", logged) as run:
+    with tracking.stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
         # what the model file records of its origin: its MLflow run, its data, its teacher
         job.info = {"mlflow_run_id": run.info.run_id, "train_data": data_id(job.manifest[job.manifest["split"].isin(["train", "val"])])}
         if teacher is not None and job.method != "none":
@@ -334,7 +334,8 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     out = out or REPORTS / "evaluate" / role
     model_file = tracking.resolve_model_file(model_ref)
     seg = Segmenter.load(model_file, device)
-    with tracking.model_run(load_model(model_file).info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate}):
+    with tracking.model_run(load_model(model_file).info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate},
+                           dvc_stage=f"evaluate@{role}"):
         result = evaluate_model(seg, read_manifest(manifest), out, batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
         tracking.log_metrics({"test": result["datasets"], "test_published": result["published"],
                               "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})

@@ -92,9 +92,14 @@ def dvc_hashes(root: Path | None = None) -> dict[str, str]:
 
 
 def stage_deps(root: Path, stage: str) -> list[str]:
-    """The deps of `stage`, from dvc.yaml (current) or else dvc.lock."""
+    """The deps of `stage` (``evaluate@student`` for a foreach item), from dvc.yaml
+    (current) or else dvc.lock."""
+    base, _, item = stage.partition("@")
     for name in ("dvc.yaml", "dvc.lock"):
-        entry = (read_yaml(root / name).get("stages") or {}).get(stage) or {}
+        stages = read_yaml(root / name).get("stages") or {}
+        entry = stages.get(stage) or {}
+        if not entry and item and isinstance(stages.get(base), dict):  # dvc.yaml's foreach: its `do`, ${item} filled in
+            entry = {"deps": [str(d).replace("${item}", item) for d in (stages[base].get("do") or {}).get("deps") or []]}
         deps = entry.get("deps") or []
         if deps:
             return [d["path"] if isinstance(d, dict) else str(d) for d in deps]

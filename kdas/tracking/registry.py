@@ -53,6 +53,7 @@ class RegisteredVersion:
     run_id: str
     model_uri: str  # models:/<name>/<version>
     existed: bool = False  # the same model file was registered before (a retry): no new version
+    model_id: str | None = None  # the MLflow logged model (its metrics, per test set)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -112,7 +113,8 @@ def register_model(
     if existing is not None:
         if client.get_registered_model(name).aliases.get(CHAMPION) != existing.version:
             client.set_registered_model_alias(name, CHALLENGER, existing.version)
-        return RegisteredVersion(name, str(existing.version), existing.run_id, f"models:/{name}/{existing.version}", existed=True)
+        return RegisteredVersion(name, str(existing.version), existing.run_id, f"models:/{name}/{existing.version}", existed=True,
+                                 model_id=getattr(existing, "model_id", None))
 
     info = loaded.info
     tags = {**metric_tags(metrics), **git_tags(), **lineage_tags(project_dir()), SHA_TAG: sha, EVAL_DATA_TAG: evaluation_data,
@@ -130,7 +132,8 @@ def register_model(
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             onnx_file = export_onnx(loaded, tmp / f"{model_file.stem}.onnx", source=f"{model_file} (registered as {name})")
             tags["kdas.onnx"] = f"artifacts/{onnx_file.name}"  # its path in the logged model
-        with model_run(info.get("mlflow_run_id"), f"register_{info.get('role', 'model')}") as run:
+        role = info.get("role", "model")
+        with model_run(info.get("mlflow_run_id"), f"register_{role}", dvc_stage=f"register@{role}") as run:
             logged = log_segmenter(model_file, serving_config=config, onnx_file=onnx_file)
             per_set: dict[str, dict[str, Any]] = {}
             for key, value in flatten(metrics, sep="/").items():
@@ -143,7 +146,7 @@ def register_model(
             source_run = run.info.run_id
     client.update_model_version(name, version.version, description=_describe(name, loaded.config, info, tags, metrics))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return RegisteredVersion(name, str(version.version), source_run, f"models:/{name}/{version.version}")
+    return RegisteredVersion(name, str(version.version), source_run, f"models:/{name}/{version.version}", model_id=logged.model_id)
 
 
 def _evaluation_dataset(name: str, evaluation_data: str) -> Any:

@@ -48,14 +48,15 @@ def pipeline_run(name: str = "pipeline", params: Mapping[str, Any] | None = None
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+def stage_run(stage: str, params: Mapping[str, Any] | None = None, dvc_stage: str | None = None) -> Iterator[Any]:
     """One MLflow run per pipeline stage, named after it.
 
     Nested under the active run if there is one, else under ``KDAS_PARENT_RUN_ID`` if set.
-    An exception marks the run FAILED (and is re-raised).
+    An exception marks the run FAILED (and is re-raised). `dvc_stage`: the dvc.yaml stage
+    whose deps are the run's lineage (default: `stage`).
     """
     with _run(stage, params, kind="stage") as run:
-        log_data_lineage(stage=stage)
+        log_data_lineage(stage=dvc_stage or stage)
         yield run
 
 
@@ -95,7 +96,7 @@ def _require_run() -> None:
 
 
 @contextlib.contextmanager
-def model_run(run_id: str | None, stage: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+def model_run(run_id: str | None, stage: str, params: Mapping[str, Any] | None = None, dvc_stage: str | None = None) -> Iterator[Any]:
     """The model's own record: its training run `run_id` (from the model file), resumed, so
     that training curves, evaluation and the registered model are one run; a model with no
     run in this store (trained elsewhere) gets a new stage run instead."""
@@ -105,12 +106,12 @@ def model_run(run_id: str | None, stage: str, params: Mapping[str, Any] | None =
         except MlflowException:
             run_id = None
     if not run_id or mlflow.active_run() is not None:
-        with stage_run(stage, params) as run:
+        with stage_run(stage, params, dvc_stage) as run:
             yield run
         return
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tag(f"kdas.stage.{stage}", "done")
-        log_data_lineage(stage=stage)
+        log_data_lineage(stage=dvc_stage or stage)
         if params:
             log_params(params)
         yield run
