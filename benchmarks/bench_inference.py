@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,16 +107,11 @@ def kvasir_split() -> tuple[list[Path], list[Path]]:
 
 
 def synthetic(n: int, seed: int) -> list[np.ndarray]:
+    """The project's synthetic colonoscopy frames (kdas.data.synth), at assorted sizes."""
+    from kdas.data.synth import synth_frame
+
     rng = np.random.default_rng(seed)
-    frames = []
-    for _ in range(n):
-        h, w = rng.integers(200, 400, 2)
-        yy, xx = np.mgrid[:h, :w]
-        im = np.empty((h, w, 3), np.uint8)
-        im[...] = (150, 60, 50)
-        im[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 4) ** 2] = (230, 180, 160)
-        frames.append(np.clip(im + rng.integers(-20, 20, im.shape), 0, 255).astype(np.uint8))
-    return frames
+    return [cv2.resize(synth_frame(seed, k, 256, 0.0)[0], tuple(int(v) for v in rng.integers(200, 400, 2))) for k in range(n)]
 
 
 # --------------------------------------------------------------------------- main

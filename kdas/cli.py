@@ -324,7 +324,6 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     at threshold 0.5) and compare.png (teacher vs student, once both roles are evaluated).
     """
     from kdas import tracking
-    from kdas.checkpoint import load_model
     from kdas.data.manifest import read_manifest
     from kdas.evaluation import evaluate_model
     from kdas.inference import Segmenter
@@ -334,7 +333,7 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     out = out or REPORTS / "evaluate" / role
     model_file = tracking.resolve_model_file(model_ref)
     seg = Segmenter.load(model_file, device)
-    with tracking.model_run(load_model(model_file).info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate},
+    with tracking.model_run(seg.info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate},
                            dvc_stage=f"evaluate@{role}"):
         result = evaluate_model(seg, read_manifest(manifest), out, batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
         tracking.log_metrics({"test": result["datasets"], "test_published": result["published"],
@@ -479,11 +478,9 @@ def predict(images: tuple[Path, ...], model_ref: str, out: Path, threshold: floa
         from kdas import tracking
         from kdas.inference import Segmenter
 
-        from kdas.checkpoint import load_model
-
         model_file = tracking.resolve_model_file(model_ref)
         seg = Segmenter.load(model_file, device)
-        info = load_model(model_file).info
+        info = seg.info
         click.echo(tracking.version_summary(model_ref) or
                    f"model {model_file}: trained on {info.get('train_data', 'unknown data')} (MLflow run {info.get('mlflow_run_id', '?')})")
     out.mkdir(parents=True, exist_ok=True)

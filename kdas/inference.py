@@ -24,6 +24,7 @@ class Segmenter:
     def __init__(self, model_file: ModelFile, device: torch.device):
         self.model = model_file.model.to(device).eval()
         self.image_size = model_file.image_size
+        self.info = model_file.info  # where the model came from (run, data), for the record
         self.device = device
 
     @classmethod

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 from conftest import DATASETS, tool_environ
 from kdas import export
 from kdas.checkpoint import save_model
+from kdas.data.synth import synth_frame
 from kdas.cli import main
 from kdas.inference import Segmenter
 from kdas.models import create_model
@@ -30,16 +32,9 @@ KVASIR = DATASETS / "kvasir-seg" / "Kvasir-SEG" / "images"
 
 
 def _synthetic(n: int = 3, seed: int = 0) -> list[np.ndarray]:
-    """Frames of assorted sizes (not square, not multiples of 32): a bright disc on red."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for h, w in [(120, 150), (64, 64), (97, 203), (300, 41)][:n]:
-        yy, xx = np.mgrid[:h, :w]
-        im = np.empty((h, w, 3), np.uint8)
-        im[...] = (150, 60, 50)
-        im[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (min(h, w) / 3) ** 2] = (230, 180, 160)
-        out.append(np.clip(im + rng.integers(-20, 20, im.shape), 0, 255).astype(np.uint8))
-    return out
+    """The project's synthetic frames at assorted sizes (not square, not multiples of 32)."""
+    sizes = [(120, 150), (64, 64), (97, 203), (300, 41)][:n]
+    return [cv2.resize(synth_frame(seed, k, 160, 0.0)[0], (w, h)) for k, (h, w) in enumerate(sizes)]
 
 
 def _images(n: int = 3) -> list[np.ndarray]:
