@@ -46,7 +46,7 @@ def main() -> None:
     manifest = build_manifest(tmp / "raw", ["synth"], SplitParams(val_fraction=0.05, test_fraction=0.0, seed=0), near_duplicate_distance=0)
     base = TrainParams(image_size=args.size, batch_size=args.batch, epochs=1, lr=1e-4, weight_decay=1e-4, grad_clip=0.5, multiscale=[1.0],
                        lr_decay=1.0, decay_epochs=50, patience=20, seed=0, workers=8, nproc_per_node=1, amp=True, augment=True, weighted_bce=True)
-    kdas = DistillParams(method="kdas", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8)
+    kdas = DistillParams(method="kdas", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8, seed=0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size} px, batch {args.batch}, {args.steps} steps")
     print(f"{'models':<28} {'run':<22} {'amp':<5} {'train img/s':>11} {'data wait':>9} {'peak GB':>8}")
     for label, (teacher_spec, student_spec) in PAIRS.items():

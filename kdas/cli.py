@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -247,12 +248,14 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
     spec = getattr(params.model, role)
     check_weights(spec.weights, resolve_backbone(spec.arch, spec.backbone))  # in seconds, before MLflow or data
     out = out or Path("models") / role
-    job = TrainJob(role=role, model=spec, manifest=read_manifest(kw["manifest"]), out_dir=out, train=params.train, distill=distill,
+    # the student draws from distill.seed, so a seed sweep re-trains students and reuses the teacher
+    train_params = params.train if distill is None else dataclasses.replace(params.train, seed=distill.seed)
+    job = TrainJob(role=role, model=spec, manifest=read_manifest(kw["manifest"]), out_dir=out, train=train_params, distill=distill,
                    teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks and reports
         run_train(job)
         return
-    logged = {"role": role, "teacher": str(teacher or ""), "train": params.train, "model": spec, **({"distill": distill} if distill else {})}
+    logged = {"role": role, "teacher": str(teacher or ""), "train": train_params, "model": spec, **({"distill": distill} if distill else {})}
     with tracking.stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
         # what the model file records of its origin: its MLflow run, its data, its teacher
         job.info = {"mlflow_run_id": run.info.run_id, "train_data": data_id(job.manifest[job.manifest["split"].isin(["train", "val"])])}

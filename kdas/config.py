@@ -94,6 +94,7 @@ class DistillParams:
     alpha: float
     tau: float
     pool_stride: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.teacher.drop_path_rate": (0, 1), "model.student.drop_path_rate": (0, 1),
     "train.image_size": (32, 4096), "train.batch_size": (1, 1e5), "train.epochs": (1, 1e5), "train.lr": (1e-12, 10),
     "train.weight_decay": (0, 10), "train.grad_clip": (1e-9, 1e9), "train.lr_decay": (1e-9, 1), "train.decay_epochs": (1, 1e6),
-    "train.patience": (1, 1e6), "train.workers": (0, 256), "train.nproc_per_node": (1, 1024),
-    "distill.alpha": (0, 1), "distill.tau": (1e-6, 1e3), "distill.pool_stride": (1, 64),
+    "train.patience": (1, 1e6), "train.seed": (0, 2**32 - 1), "train.workers": (0, 256), "train.nproc_per_node": (1, 1024),
+    "distill.alpha": (0, 1), "distill.tau": (1e-6, 1e3), "distill.pool_stride": (1, 64), "distill.seed": (0, 2**32 - 1),
     "evaluate.batch_size": (1, 1e5), "evaluate.grid_size": (1, 100), "register.gate.floor": (0, 1), "register.gate.margin": (0, 1),
     "serve.max_rows": (1, 1e4), "serve.max_pixels": (1, 1e10), "serve.threshold": (0, 1),
 }

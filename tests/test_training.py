@@ -25,7 +25,7 @@ from kdas.training.engine import scaled_size
 TINY = TrainParams(image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=1e-4, grad_clip=0.5,
                    multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True,
                    augment=True, weighted_bce=True)
-NONE = DistillParams(method="none", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8)
+NONE = DistillParams(method="none", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8, seed=0)
 TINY_MODEL = RoleModel(arch="polyp_pvt_tiny", backbone=None, weights="none", drop_path_rate=0.0)
 
 
@@ -114,7 +114,7 @@ from pathlib import Path
 from kdas.config import TrainParams, DistillParams, RoleModel
 from kdas.training import TrainJob, train
 train(TrainJob(role="student", model=RoleModel("polyp_pvt_tiny", None, "none", 0.0), manifest=pd.read_parquet(sys.argv[1]), out_dir=Path(sys.argv[2]),
-      train=TrainParams(**eval(sys.argv[3])), distill=DistillParams("none", "spatial", 0.3, 2.0, 8), resume="--resume" in sys.argv))
+      train=TrainParams(**eval(sys.argv[3])), distill=DistillParams("none", "spatial", 0.3, 2.0, 8, 0), resume="--resume" in sys.argv))
 """
 
 
