@@ -1,7 +1,7 @@
-"""Benchmark: the served model's budget per request (kdas.tracking.SERVING_CONFIG: max_rows,
+"""Benchmark: the served model's budget per request (params.yaml's serve: max_rows,
 max_pixels), against the same model served without one.
 
-Logs the tiny test model twice in a temporary MLflow store (the default budget, and a budget
+Logs the tiny test model twice in a temporary MLflow store (params.yaml's budget, and a budget
 too large to bind), serves each with `mlflow models serve` on 127.0.0.1 (one worker), and
 sends: the probe's request (50 rows of ~10 KB PNGs that each declare 4096 x 4096), 8 such rows
 (under max_rows, over max_pixels) and a normal request (2 small frames). Prints, per server and
@@ -50,11 +50,14 @@ def log_models(root: Path) -> dict[str, str]:
 
     from kdas import tracking
     from kdas.checkpoint import save_model
+    from kdas.config import load_params, serving_limits
     from kdas.models import create_model
 
     model_file = save_model(root / "tiny.pt", create_model("polyp_pvt_tiny"), image_size=64, info={})
     uris = {}
-    for label, config in (("budget (default)", None), ("no budget", UNBOUNDED)):
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    limits = serving_limits(params.serve, params.validation.max_size)
+    for label, config in (("budget (params.yaml)", limits), ("no budget", limits | UNBOUNDED)):
         with mlflow.start_run():
             info = tracking.log_segmenter(model_file, serving_config=config)
             uris[label] = info.model_uri

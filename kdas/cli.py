@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from kdas.config import DistillParams, Params, load_params
+from kdas.config import DistillParams, Params, load_params, serving_limits
 
 ROLES = ("teacher", "student")
 RAW = Path("data/raw")
@@ -36,7 +36,11 @@ class KdasGroup(click.Group):
 
 
 def params_of(ctx: click.Context) -> Params:
-    return load_params(ctx.obj["params_path"])
+    """params.yaml, read and checked once per command."""
+    root = ctx.find_root()
+    if "params" not in root.obj:
+        root.obj["params"] = load_params(root.obj["params_path"])
+    return root.obj["params"]
 
 
 @click.group(cls=KdasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -293,7 +297,6 @@ def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out:
     none: the student alone on the ground truth; sgm: + symmetrical guiding;
     kdas: + attention supervision + symmetrical guiding.
     """
-    import dataclasses
 
     from kdas import tracking
 
@@ -400,7 +403,7 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     tests = {d: m for d, m in evaluation["datasets"].items() if d != "mean"}
     name = _registry_name(ctx, role)
     version = tracking.register_model(model_file, name, tests, evaluation_data=evaluation["data"], teacher_name=params.register.teacher_name,
-                                      serving_config={"max_side": params.validation.max_size, **dataclasses.asdict(params.serve)})
+                                      serving_config=serving_limits(params.serve, params.validation.max_size))
     out = out or REPORTS / "register" / f"{role}.json"
     write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri}, indent=2))
     again = " (this model file was registered before: no new version)" if version.existed else ""
@@ -458,12 +461,14 @@ def rollback(ctx: click.Context, role: str) -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", "model_ref", default="models:/kdas-student@champion", show_default=True,
-              help="Model file, MLflow URI, or an ONNX export (.onnx, runs on onnxruntime).")
+@click.option("--model", "model_ref",
+              help="Model file, MLflow URI, or an ONNX export (.onnx, runs on onnxruntime). Default: the student's champion, "
+                   "models:/<register.student_name>@champion.")
 @click.option("--out", default=Path("predictions"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Mask threshold on the probability.")
 @click.option("--device", default="auto", show_default=True)
-def predict(images: tuple[Path, ...], model_ref: str, out: Path, threshold: float, device: str) -> None:
+@click.pass_context
+def predict(ctx: click.Context, images: tuple[Path, ...], model_ref: str | None, out: Path, threshold: float, device: str) -> None:
     """Segment images: writes <stem>_mask.png (0/255) and <stem>_overlay.jpg to --out.
 
     A .onnx --model (from `kdas export`) runs on onnxruntime, without PyTorch.
@@ -472,6 +477,13 @@ def predict(images: tuple[Path, ...], model_ref: str, out: Path, threshold: floa
     from PIL import Image
 
     from kdas.io import read_rgb
+
+    if model_ref is None:  # the project's champion student: needs the project's params.yaml
+        from kdas.promotion import CHAMPION
+
+        if not Path(ctx.find_root().obj["params_path"]).exists():
+            raise click.UsageError("no --model given and no params.yaml here: pass --model FILE_OR_URI, or run in a kdas project")
+        model_ref = f"models:/{params_of(ctx).register.student_name}@{CHAMPION}"
 
     if is_onnx_file(model_ref):  # onnxruntime: no torch on this path
         from kdas.export import OnnxSegmenter

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -265,6 +265,12 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     params = _build(Params, raw, str(path))
     _check_values(params, str(path))
     return params
+
+
+def serving_limits(serve: ServeParams, max_side: int) -> dict[str, Any]:
+    """What a served model enforces (kdas.tracking's serving_config): the request budget and
+    threshold of `serve`, and at most `max_side` (validation.max_size) a side per image."""
+    return {"max_side": max_side, **asdict(serve)}
 
 
 def profile_updates(params: Params, name: str) -> dict[str, Any]:

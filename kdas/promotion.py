@@ -20,6 +20,9 @@ from kdas.config import GateParams
 from kdas.provenance import flatten, safe_key
 
 METRIC_TAG = "metric."  # version tags holding the evaluation metrics
+# the registry's aliases: what serves (models:/NAME@champion) and what waits for the gate
+CHAMPION = "champion"
+CHALLENGER = "challenger"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from kdas import tracking  # noqa: E402
-from kdas.config import load_params, profile_updates, set_params  # noqa: E402
+from kdas.config import Params, load_params, profile_updates, set_params  # noqa: E402
 from kdas.provenance import dvc_hashes  # noqa: E402
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
@@ -226,8 +226,7 @@ def _publish_validation(workspace: Path) -> dict | None:
     return report
 
 
-def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, dict | None], skipped: list[str]) -> str:
-    params = load_params(workspace / "params.yaml")
+def _summary(workspace: Path, params: Params, decisions: dict[str, dict], champions: dict[str, dict | None], skipped: list[str]) -> str:
     manifest = dvc_hashes(workspace).get("data/manifest.parquet", "?")
     lines = ["# kdas retrain\n", f"- data: `data/manifest.parquet` md5 `{manifest}` ({', '.join(params.data.datasets)})",
              f"- teacher: {params.model.teacher.backbone}, student: {params.model.student.backbone}, "
@@ -251,22 +250,24 @@ def _summary(workspace: Path, decisions: dict[str, dict], champions: dict[str, d
 
 @flow(name="retrain", log_prints=True)
 def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str] | None = None, retrain_teacher: bool = True,
-            teacher_uri: str = "models:/kdas-teacher@champion", nproc_per_node: int | None = None) -> dict:
+            teacher_uri: str | None = None, nproc_per_node: int | None = None) -> dict:
     """Validate the data, train (or reuse) the teacher, distil the student, evaluate, register,
     and promote what passes the gate.
 
     profile: a named profile of params.yaml (paper, real-cpu); datasets: data.datasets; nproc_per_node:
     train.nproc_per_node (> 1 trains under torchrun, e.g. one process per GPU); each is
     written to params.yaml, as `dvc exp run -S` would. retrain_teacher=False distils from
-    the registered teacher_uri instead of training a teacher.
+    the registered teacher_uri instead of training a teacher (default: the teacher's champion,
+    models:/<register.teacher_name>@champion).
     """
     root = Path(workspace).resolve()
-    updates = profile_updates(load_params(root / "params.yaml"), profile) if profile else {}
+    params = load_params(root / "params.yaml")
+    updates = profile_updates(params, profile) if profile else {}
     updates |= {k: v for k, v in {"data.datasets": datasets, "train.nproc_per_node": nproc_per_node}.items() if v is not None}
     with workspace_lock(root), contextlib.chdir(root):
         if updates and set_params(updates, root / "params.yaml"):
             get_run_logger().info("params.yaml updated: %s", updates)
-        params = load_params(root / "params.yaml")
+            params = load_params(root / "params.yaml")
         with tracking.pipeline_run("retrain", {"profile": profile or "", "datasets": params.data.datasets,
                                                "retrain_teacher": retrain_teacher}):
             stages = (["synth"] if "synth" in params.data.datasets else []) + ["manifest"]
@@ -279,7 +280,7 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
             if retrain_teacher:
                 ran["train_teacher"] = run_stage("train_teacher", root)
             else:
-                reuse_teacher(root, teacher_uri)
+                reuse_teacher(root, teacher_uri or f"models:/{params.register.teacher_name}@{tracking.CHAMPION}")
             ran["distill"] = run_stage("distill", root)
             for role in roles:
                 ran[f"evaluate@{role}"] = run_stage(f"evaluate@{role}", root)
@@ -287,7 +288,7 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
             names = {"teacher": params.register.teacher_name, "student": params.register.student_name}
             champions = {role: champion(names[role]) for role in roles}
             decisions = {role: promote(role, root) for role in roles}
-        summary = _summary(root, decisions, champions, [s for s, r in ran.items() if not r])
+        summary = _summary(root, params, decisions, champions, [s for s, r in ran.items() if not r])
         create_markdown_artifact(key="retrain-summary", markdown=summary, description="kdas retrain: data, metrics, promotion")
         print(summary)
     return {"ran": ran, "decisions": decisions}
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets", nargs="+", help="data.datasets, e.g. kvasir-seg cvc-clinicdb cvc-colondb")
     parser.add_argument("--nproc-per-node", type=int, help="train.nproc_per_node: train data-parallel under torchrun")
     parser.add_argument("--reuse-teacher", action="store_true", help="distil from the registered teacher instead of training one")
-    parser.add_argument("--teacher-uri", default="models:/kdas-teacher@champion")
+    parser.add_argument("--teacher-uri", help="with --reuse-teacher (default: models:/<register.teacher_name>@champion)")
     args = parser.parse_args(argv)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     with forwarding_signals():

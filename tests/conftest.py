@@ -16,14 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
+
+from kdas.config import load_params, serving_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATASETS = SHARED / "datasets"
-# the importer's soft-mask limit, as params.yaml sets it
-MAX_NONBINARY = yaml.safe_load((ROOT / "params.yaml").read_text())["validation"]["max_nonbinary_fraction"]
+PARAMS = load_params(ROOT / "params.yaml")
+# the importer's soft-mask limit, and what a served model enforces, as params.yaml sets them
+MAX_NONBINARY = PARAMS.validation.max_nonbinary_fraction
+SERVE = serving_limits(PARAMS.serve, PARAMS.validation.max_size)
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 # DVC keeps site-wide state and config outside the repository: isolate the test session's

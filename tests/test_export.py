@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import DATASETS, tool_environ
+from conftest import DATASETS, SERVE, tool_environ
 from kdas import export
 from kdas.checkpoint import save_model
 from kdas.data.synth import synth_frame
@@ -255,7 +255,7 @@ def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(
 
     model_file, onnx_file = tiny
     version = tracking.register_model(model_file, "kdas-onnx-test", {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test",
-                                      serving_config={"runtime": "onnxruntime", "device": "cpu"})
+                                      serving_config={**SERVE, "runtime": "onnxruntime", "device": "cpu"})
     client = mlflow.tracking.MlflowClient()
     tags = client.get_model_version(version.name, version.version).tags
     assert tags["kdas.onnx"] == "artifacts/tiny.onnx"
@@ -272,5 +272,5 @@ def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(
     assert all((a != b).mean() < 1e-3 for a, b in zip(masks, expected))
     with pytest.raises(ValueError, match="onnx=True"):
         tracking.register_model(model_file, "kdas-onnx-test", {}, evaluation_data="synthetic-test",
-                                serving_config={"runtime": "onnxruntime"}, onnx=False)
+                                serving_config={**SERVE, "runtime": "onnxruntime"}, onnx=False)
     assert json.dumps(meta)  # plain values only

@@ -12,6 +12,6 @@ def test_predict_outside_a_project_creates_no_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save("x.png")
     result = CliRunner().invoke(main, ["predict", "x.png"])
-    assert result.exit_code == 1
-    assert "no MLflow store" in result.output
+    assert result.exit_code == 2  # a usage error: the champion's default needs the project's params.yaml
+    assert "no --model given and no params.yaml here: pass --model" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]

@@ -14,6 +14,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from conftest import PARAMS, SERVE
 from kdas import tracking
 from kdas.tracking.served import _serving_config
 
@@ -34,7 +35,7 @@ def model(**config) -> tracking.SegmenterModel:
     """The pyfunc as `load_context` leaves it, minus the network: every refusal below comes
     before the model would be used."""
     served = tracking.SegmenterModel()
-    served.config = {**tracking.SERVING_CONFIG, **config}
+    served.config = _serving_config({**SERVE, **config})
     return served
 
 
@@ -51,12 +52,13 @@ def refused(served: tracking.SegmenterModel, images: list[str]) -> tuple[str, fl
 def test_the_probes_50_rows_of_4096_px_pngs_are_refused_at_once(big):
     assert len(base64.b64decode(big)) < 20_000
     message, seconds, grown_mib = refused(model(), [big] * 50)
-    assert "request too large: 50 rows (at most 32 per request)" in message
+    assert f"request too large: 50 rows (at most {SERVE['max_rows']} per request)" in message
     assert seconds < 2 and grown_mib < 200
 
 
 def test_decoded_pixels_are_budgeted_per_request(big):
     message, seconds, grown_mib = refused(model(), [big] * 8)  # 8 rows: under max_rows
+    assert SERVE["max_pixels"] == 4 * 4096 * 4096  # the numbers below
     assert f"rows 0 to 4 declare {5 * 4096 * 4096} pixels (at most {4 * 4096 * 4096} per request)" in message
     assert seconds < 2 and grown_mib < 200
     small = declared(100, 100)
@@ -65,7 +67,10 @@ def test_decoded_pixels_are_budgeted_per_request(big):
 
 
 def test_budget_keys_are_serving_config_keys():
-    config = _serving_config({"max_rows": 4, "max_pixels": 10**6})
-    assert config["max_rows"] == 4 and config["max_pixels"] == 10**6 and config["max_side"] == tracking.SERVING_CONFIG["max_side"]
+    config = _serving_config({**SERVE, "max_rows": 4, "max_pixels": 10**6})
+    assert config["max_rows"] == 4 and config["max_pixels"] == 10**6 and config["max_side"] == PARAMS.validation.max_size
+    assert config["runtime"] == "torch"  # how it runs has a default; what it enforces comes from params.yaml
     with pytest.raises(ValueError, match="unknown serving_config key"):
-        _serving_config({"max_request_rows": 4})
+        _serving_config({**SERVE, "max_request_rows": 4})
+    with pytest.raises(ValueError, match="serving_config lacks threshold: pass kdas.config.serving_limits"):
+        _serving_config({k: v for k, v in SERVE.items() if k != "threshold"})

@@ -21,7 +21,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import MLFLOW_QUIET, free_port, stop, wait_for_http
+from conftest import MLFLOW_QUIET, SERVE, free_port, stop, wait_for_http
 from kdas import tracking
 from kdas.codec import decode_mask
 from kdas.checkpoint import save_model
@@ -51,7 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) ->
         mp.delenv(tracking.PARENT_RUN_ENV, raising=False)
         mp.delenv(tracking.EXPERIMENT_ENV, raising=False)
         model_file = save_model(root / "student.pt", create_model(TINY), image_size=64, info={})
-        tracking.register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={"max_side": 1024})
+        tracking.register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={**SERVE, "max_side": 1024})
         assert tracking.promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
         yield uri
 

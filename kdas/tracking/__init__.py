@@ -38,11 +38,11 @@ from kdas.tracking.runs import (
     pipeline_run,
     stage_run,
 )
-from kdas.tracking.served import SERVING_CONFIG, SegmenterModel, log_segmenter
+from kdas.tracking.served import RUNTIME_DEFAULTS, SegmenterModel, log_segmenter
 from kdas.tracking.store import EXPERIMENT_ENV, ensure_experiment, tracking_uri
 
 __all__ = [
-    "CHALLENGER", "CHAMPION", "EXPERIMENT_ENV", "PARENT_RUN_ENV", "SERVING_CONFIG", "RegisteredVersion", "RegistryError",
+    "CHALLENGER", "CHAMPION", "EXPERIMENT_ENV", "PARENT_RUN_ENV", "RUNTIME_DEFAULTS", "RegisteredVersion", "RegistryError",
     "SegmenterModel", "champion_metrics", "ensure_experiment", "is_model_uri", "log_artifact", "log_artifacts",
     "log_data_lineage", "log_dict", "log_metrics", "log_params", "log_segmenter", "model_cache_dir", "model_run",
     "pipeline_run", "promote", "register_model", "resolve_model_file", "rollback", "stage_run", "tracking_uri",

@@ -24,14 +24,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kdas.config import GateParams
-from kdas.promotion import METRIC_TAG, Decision, Evidence, decide, metric_tags
+from kdas.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
 from kdas.provenance import flatten, git_tags, lineage_tags
 from kdas.tracking.runs import log_metrics, model_run
 from kdas.tracking.served import _serving_config, log_segmenter
 from kdas.tracking.store import get_client, project_dir
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
 EVAL_DATA_TAG = "kdas.eval_data"   # what metric.* were measured on
@@ -90,7 +88,7 @@ def register_model(
     *,
     evaluation_data: str,
     teacher_name: str | None = None,
-    serving_config: Mapping[str, Any] | None = None,
+    serving_config: Mapping[str, Any],
     onnx: bool = True,
 ) -> RegisteredVersion:
     """Register `model_file` as a version of `name` with alias ``challenger``; idempotent.
@@ -98,7 +96,9 @@ def register_model(
     `metrics`: ``{test set: {metric: value}}`` as measured on `evaluation_data` (an id from
     kdas.evaluation). A model file registered before (same content) gets no second version:
     the existing one is returned, with ``challenger`` pointed at it unless it is the champion.
-    `onnx`: log the fp32 ONNX export with the version (kdas.export), for onnxruntime serving.
+    `serving_config`: what the served version enforces, kdas.config.serving_limits
+    (and optionally device, batch_size, runtime). `onnx`: log the fp32 ONNX export with the
+    version (kdas.export), for onnxruntime serving.
     """
     from kdas.checkpoint import load_model
 

@@ -21,15 +21,15 @@ from mlflow.types import ColSpec, Schema
 from kdas.codec import BadImage, check_header, decode, encode_image, image_bytes, png_base64
 from kdas.tracking.runs import _require_run
 
-# Serving defaults, written into each logged model's MLmodel (model_config) so that what a
-# served version enforces is visible and stays fixed for that version; `kdas register`
-# overrides them from params.yaml's `serve` section. The budget of one request, checked
-# from the image headers before any pixel is decoded (a 10 KB PNG can declare 4096 x 4096):
-# at most max_rows images, at most max_pixels pixels in all (which bounds any one image
-# too), each at most max_side a side.
-# runtime: "torch" (the kdas model file) or "onnxruntime" (the ONNX export logged beside it).
-SERVING_CONFIG = {"max_side": 4096, "max_rows": 32, "max_pixels": 4 * 4096 * 4096, "threshold": 0.5, "device": "auto",
-                  "batch_size": 8, "runtime": "torch"}
+# What a served version enforces, written into its MLmodel (model_config) so that it is
+# visible and stays fixed for that version. The limits come from params.yaml
+# (kdas.config.serving_limits): the budget of one request, checked from the image headers
+# before any pixel is decoded (a 10 KB PNG can declare 4096 x 4096): at most max_rows
+# images, at most max_pixels pixels in all, each at most max_side a side; and the mask
+# threshold. How it runs has defaults: runtime "torch" (the kdas model file) or
+# "onnxruntime" (the ONNX export logged beside it).
+SERVING_LIMITS = ("max_side", "max_rows", "max_pixels", "threshold")
+RUNTIME_DEFAULTS = {"device": "auto", "batch_size": 8, "runtime": "torch"}
 RUNTIMES = ("torch", "onnxruntime")
 
 MODEL_FILE_ARTIFACT = "model_file"  # the kdas model file's name among a logged model's artifacts
@@ -51,7 +51,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        self.config = {**SERVING_CONFIG, **(context.model_config or {})}
+        self.config = _serving_config(context.model_config or {})
         if self.config["runtime"] == "onnxruntime":  # no torch needed
             from kdas.export import OnnxSegmenter
 
@@ -145,17 +145,19 @@ def _input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [encode_image(image)]})
 
 
-def _serving_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    unknown = set(overrides or {}) - set(SERVING_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown serving_config key(s) {sorted(unknown)}; known: {sorted(SERVING_CONFIG)}")
-    config = {**SERVING_CONFIG, **(overrides or {})}
+def _serving_config(given: Mapping[str, Any]) -> dict[str, Any]:
+    known = set(SERVING_LIMITS) | set(RUNTIME_DEFAULTS)
+    if unknown := set(given) - known:
+        raise ValueError(f"unknown serving_config key(s) {sorted(unknown)}; known: {sorted(known)}")
+    if missing := [k for k in SERVING_LIMITS if k not in given]:
+        raise ValueError(f"serving_config lacks {', '.join(missing)}: pass kdas.config.serving_limits(params.serve, params.validation.max_size)")
+    config = {**RUNTIME_DEFAULTS, **given}
     if config["runtime"] not in RUNTIMES:
         raise ValueError(f"serving_config runtime {config['runtime']!r}: expected one of {', '.join(RUNTIMES)}")
     return config
 
 
-def log_segmenter(model_file: str | Path, name: str = "model", serving_config: Mapping[str, Any] | None = None,
+def log_segmenter(model_file: str | Path, serving_config: Mapping[str, Any], name: str = "model",
                   onnx_file: str | Path | None = None) -> Any:
     """Log a kdas model file as a pyfunc model in the active run; returns MLflow's ModelInfo.
 
@@ -163,8 +165,8 @@ def log_segmenter(model_file: str | Path, name: str = "model", serving_config: M
     is given (artifact ``onnx_model``: served on onnxruntime with ``{"runtime":
     "onnxruntime"}``), the code file above, a copy of the ``kdas`` package (``code_paths``:
     the model serves with the code it was logged with), the signature, a PNG input example,
-    pinned pip requirements and the serving limits (`SERVING_CONFIG` updated by
-    `serving_config`, e.g. ``{"max_side": ...}``).
+    pinned pip requirements and `serving_config`: the limits of kdas.config.serving_limits,
+    and optionally device, batch_size and runtime (RUNTIME_DEFAULTS).
     """
     _require_run()
     config = _serving_config(serving_config)
