@@ -72,15 +72,18 @@ def run(seeds: list[int]) -> None:
 
 
 def experiments() -> dict[str, dict]:
-    """name -> {params, metrics (file -> data), rev} from `dvc exp show --json`."""
-    raw = json.loads(subprocess.run(["dvc", "exp", "show", "--all-commits", "--json"], cwd=ROOT, text=True, capture_output=True, check=True).stdout)
+    """name -> {params, metrics (file -> data), rev, baseline} from `dvc exp show --json`, on
+    every commit (a later baseline keeps the experiments run at an earlier one)."""
+    raw = json.loads(subprocess.run(["dvc", "exp", "show", "--all-commits", "--json"], cwd=ROOT, text=True, capture_output=True,
+                                    check=True).stdout)
     found = {}
     for baseline in raw:
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
                 if rev.get("name"):
-                    found[rev["name"]] = {"rev": rev.get("rev"), "params": data.get("params", {}), "metrics": data.get("metrics", {})}
+                    found[rev["name"]] = {"rev": rev.get("rev"), "baseline": baseline.get("rev"), "params": data.get("params", {}),
+                                          "metrics": data.get("metrics", {})}
     return found
 
 
@@ -88,13 +91,50 @@ def _metrics(exp: dict, path: str) -> dict:
     return (exp["metrics"].get(path) or {}).get("data") or {}
 
 
-def report() -> str:
+def _mean_published(exp: dict) -> float | None:
+    ev = _metrics(exp, "reports/evaluate/student/metrics.json")
+    return ev["published"]["mean"]["meanDic"] if ev else None
+
+
+def seed_table(exps: dict[str, dict]) -> list[str]:
+    """Mean published meanDic over the test sets, per student and seed: the spread between
+    seeds is the yardstick for any difference between methods."""
+    by_variant: dict[str, dict[int, float]] = {}
+    for name, exp in exps.items():
+        variant, _, seed = name.removeprefix("real-cpu-").rpartition("-seed")
+        if (score := _mean_published(exp)) is not None:
+            by_variant.setdefault(variant, {})[int(seed)] = score
+    seeds = sorted({s for v in by_variant.values() for s in v})
+    lines = ["| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |",
+             "|---|" + "---|" * (len(seeds) + 2)]
+    for variant, scores in sorted(by_variant.items()):
+        cells = [f"{scores[s]:.4f}" if s in scores else "-" for s in seeds]
+        values = list(scores.values())
+        spread = f"{max(values) - min(values):.4f}" if len(values) > 1 else "-"
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {sum(values) / len(values):.4f} | {spread} |")
+    return lines
+
+
+def commands(seeds: list[int]) -> list[str]:
+    return ["```bash", "git clone . ../kdas-bench && cd ../kdas-bench",
+            "python -m venv .venv && .venv/bin/pip install -e '.[test]'",
+            f".venv/bin/python benchmarks/real_cpu.py --seeds {' '.join(map(str, seeds))}"
+            "   # imports ../shared/datasets, `kdas params use real-cpu`, then:",
+            *[f"#   dvc exp run -n {name} " + " ".join(f"-S {s}" for s in settings) for name, settings in plan(seeds).items()],
+            ".venv/bin/python benchmarks/real_cpu.py --report-only   # this file again, from `dvc exp show`", "```", ""]
+
+
+def report(seeds: list[int], reading: str) -> str:
     exps = {k: v for k, v in experiments().items() if k.startswith("real-cpu-")}
     if not exps:
         sys.exit("no real-cpu experiment found (`dvc exp show`); run without --report-only first")
-    lines = ["# Real-data KDAS benchmark on a 2-core CPU", "",
+    lines = ["# Real-data KDAS benchmark on a 2-core CPU", "", READING, "", reading.strip() or "(to be written: what the numbers say)", "",
+             "## Commands", "", *commands(seeds),
+             "## Results", "",
              "Measured here by `python benchmarks/real_cpu.py` (see its docstring); every row is a DVC experiment",
              "(`dvc exp show`), tracked in MLflow (`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`).", "",
+             "Mean over the three test sets of the student's meanDic (`published` maps), per seed (`distill.seed`; the teacher is",
+             "the same for all):", "", *seed_table(exps), "",
              "Maps prepared as the published test scripts do (`published`: min-max normalised sigmoid, 8-bit), scored",
              "with the standard protocol (UACANet port of PraNet's toolbox); meanDic under `calibrated` maps beside it.", ""]
     header = "| model | test set | meanDic | meanIoU | wFm | Sm | MAE | maxDic | meanDic (calibrated) |"
@@ -123,7 +163,8 @@ def report() -> str:
     for label, sets in PUBLISHED.items():
         for ds, (dice, iou, mae) in sets.items():
             lines.append(f"| {label} | {ds} | {dice:.3f} | {iou:.3f} | {'-' if mae is None else f'{mae:.3f}'} |")
-    lines += ["", "Experiments: " + ", ".join(f"`{k}` ({v['rev'][:7] if v['rev'] else '?'})" for k, v in sorted(exps.items())), ""]
+    lines += ["", "Experiments (DVC experiment commit, at baseline git commit): "
+              + ", ".join(f"`{k}` ({(v['rev'] or '?')[:7]} at {(v['baseline'] or '?')[:7]})" for k, v in sorted(exps.items())), ""]
     lines += lineage()
     return "\n".join(lines)
 
@@ -134,24 +175,39 @@ def lineage() -> list[str]:
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, capture_output=True).stdout.strip()
     hashes = dvc_hashes(ROOT)
-    lines = ["## Lineage", "", f"- code: git commit `{commit}` (the experiments' baseline)",
+    lines = ["## Lineage", "", f"- code: git commit `{commit}` (the latest baseline; each experiment names its own above)",
              f"- data: `data/manifest.parquet` md5 `{hashes.get('data/manifest.parquet', '?')}`; "
              + ", ".join(f"`{k}` `{v}`" for k, v in sorted(hashes.items()) if k.startswith("data/raw/"))]
     store = ROOT / "mlflow" / "mlflow.db"
     if store.exists():
         import sqlite3
 
-        rows = sqlite3.connect(store).execute(
-            "select r.name, r.run_uuid, r.status, coalesce(p.value, '') from runs r left join params p "
-            "on p.run_uuid = r.run_uuid and p.key in ('distill', 'distill.method') "
-            "where r.name like 'train_%' order by r.start_time").fetchall()
-        def method(value: str) -> str:  # "DistillParams(method='kdas', ...)" or "kdas"
-            found = re.search(r"method=.([a-z]+)", value)
-            return found.group(1) if found else value
+        runs = sqlite3.connect(store).execute(
+            "select r.name, r.run_uuid, r.status, group_concat(p.key || '=' || p.value, ' ') from runs r left join params p "
+            "on p.run_uuid = r.run_uuid and (p.key like 'distill%' or p.key = 'train.seed') "
+            "where r.name like 'train_%' group by r.run_uuid order by r.start_time").fetchall()
+
+        def settings(params: str) -> str:  # flat keys (distill.alpha=0.1 ...) or one repr (distill=DistillParams(...))
+            found = dict(re.findall(r"(method|attention|alpha|seed)\W{1,2}([\w.]+)", params or ""))
+            return ", ".join(f"{k} {found[k]}" for k in ("method", "attention", "alpha", "seed") if k in found)
 
         lines.append("- MLflow runs (`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`): "
-                     + "; ".join(f"{name} {method(m)} `{run}` ({status})" for name, run, status, m in rows))
+                     + "; ".join(f"{name} ({settings(p)}) `{run}` ({status})" for name, run, status, p in runs))
     return lines + [""]
+
+
+READING = "## What the numbers say"
+
+
+def kept_reading() -> str:
+    """The hand-written reading of the existing results file, which a rebuild keeps."""
+    if not RESULTS.exists():
+        return ""
+    text = RESULTS.read_text()
+    if READING not in text:
+        return ""
+    after = text.split(READING, 1)[1]
+    return after.split("\n## ", 1)[0]
 
 
 def main() -> None:
@@ -163,7 +219,7 @@ def main() -> None:
     if not args.report_only:
         run(args.seeds)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    text = report()
+    text = report(args.seeds, kept_reading())
     RESULTS.write_text(text)
     print(text)
 

@@ -35,15 +35,9 @@ FORMAT = "kdas-onnx/1"
 INPUT = "image"
 OUTPUTS = ("logits", "map")
 META = "kdas."  # prefix of the metadata keys
-ONNX_SUFFIX = ".onnx"
 
 
 # --------------------------------------------------------------------------- onnxruntime (no torch)
-
-
-def is_onnx(ref: str | Path) -> bool:
-    """Whether `ref` names an ONNX file (by its suffix)."""
-    return str(ref).lower().endswith(ONNX_SUFFIX)
 
 
 def _upsample(logits: np.ndarray, height: int, width: int) -> np.ndarray:

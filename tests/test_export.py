@@ -24,7 +24,7 @@ from kdas.cli import main
 from kdas.inference import Segmenter
 from kdas.models import create_model
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # each ONNX export takes seconds
 
 SIZE = 64
 PARITY = 1e-4  # max abs difference of the fp32 ONNX map from the torch map
@@ -246,7 +246,6 @@ def test_export_refuses_an_output_that_is_not_onnx(tiny, tmp_path):
 # --------------------------------------------------------------------------- registry
 
 
-@pytest.mark.slow
 def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(tiny, mlflow_store):
     import mlflow
 

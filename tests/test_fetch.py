@@ -74,7 +74,7 @@ def release(tmp_path):
     ReleaseServer.corrupt_first = ReleaseServer.html_first = ReleaseServer.cut_first = 0
     ReleaseServer.requests = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), ReleaseServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()  # a quick shutdown
     yield f"http://127.0.0.1:{server.server_address[1]}/kvasir-seg.zip"
     server.shutdown()
 

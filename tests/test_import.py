@@ -180,6 +180,7 @@ def test_rgba_and_grayscale_images_import(tmp_path):
         assert read_rgb(out / "images" / f"{stem}.png").shape == (80, 96, 3)
 
 
+@pytest.mark.slow
 def test_import_tracks_with_dvc_in_a_dvc_repo(tmp_path, monkeypatch, tool_env):
     import subprocess
 

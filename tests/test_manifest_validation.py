@@ -31,6 +31,7 @@ def failing(report, rule):
     return [f for f in report.errors if f.rule == rule]
 
 
+@pytest.mark.slow
 def test_good_dataset_passes_and_reports_are_written(tmp_path, vparams):
     make_dataset(tmp_path / "raw" / "ds", n=10)
     df, report = check(tmp_path / "raw", vparams)

@@ -76,6 +76,7 @@ def test_each_role_loads_its_own_weights():
         create_model("polyp_pvt", backbone="tf_efficientnet_lite0", pretrained=WEIGHTS / "tf_efficientnet_lite2.in1k.safetensors")
 
 
+@pytest.mark.slow
 def test_the_paper_profile_without_weights_stops_in_seconds(workdir, manifest):
     manifest.to_parquet(workdir / "manifest.parquet")
     use_profile("paper")
@@ -119,6 +120,7 @@ def _official_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_an_official_polyp_pvt_checkpoint_imports_and_predicts_the_same(tmp_path):
     torch.manual_seed(3)
     original = create_model("polyp_pvt_b0").eval()

@@ -184,16 +184,15 @@ def test_distillation_experiments_rerun_distill_evaluate_and_register_only_and_c
     git("commit", "-qm", "first run")  # the baseline the experiments compare with
     assert "Data and pipelines are up to date" in dvc("status").stdout
     versions = len(registry_state("kdas-student")[0])
-    for n, alpha in enumerate((0.5, 0.1), start=1):
-        exp = dvc("exp", "run", "-n", f"alpha-{alpha}", "-S", f"distill.alpha={alpha}")
-        assert exp.returncode == 0, exp.stderr[-2000:]
-        ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-        assert ran == {"distill", "evaluate@student", "register@student"}
-        assert registry_state("kdas-student")[0] == [str(v) for v in range(1, versions + n + 1)]  # the experiment's student
+    exp = dvc("exp", "run", "-n", "alpha-0.1", "-S", "distill.alpha=0.1")
+    assert exp.returncode == 0, exp.stderr[-2000:]
+    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"distill", "evaluate@student", "register@student"}
+    assert registry_state("kdas-student")[0] == [str(v) for v in range(1, versions + 2)]  # the experiment's student
     shown = json.loads(dvc("exp", "show", "--json").stdout)
     found = {rev["name"]: rev["data"]["metrics"] for base in shown for exp in base.get("experiments") or []
              for rev in exp.get("revs") or [] if rev.get("name")}
-    assert set(found) == {"alpha-0.5", "alpha-0.1"}
+    assert set(found) == {"alpha-0.1"}
     for metrics in found.values():  # real numbers, not "!"
         assert 0 <= metrics["reports/evaluate/student/metrics.json"]["data"]["datasets"]["synth"]["meanDic"] <= 1
     diff = dvc("metrics", "diff")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import tool_environ
 
 
+@pytest.mark.slow
 def test_the_plots_page_carries_its_chart_libraries_and_pngs_are_written(tmp_path):
     run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=tool_environ(), capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q")

@@ -10,7 +10,7 @@ from kdas.data.importer import import_dataset
 from kdas.data.manifest import build_manifest
 from kdas.validation import validate_manifest
 
-pytestmark = [pytest.mark.realdata, pytest.mark.skipif(not DATASETS.exists(), reason=f"{DATASETS} not present")]
+pytestmark = [pytest.mark.slow, pytest.mark.realdata, pytest.mark.skipif(not DATASETS.exists(), reason=f"{DATASETS} not present")]
 
 
 def test_import_split_and_validate_the_three_releases(workdir):

@@ -1,4 +1,7 @@
-"""The model registry workflow against a real `mlflow server` on 127.0.0.1."""
+"""The model registry workflow against a real `mlflow server` on 127.0.0.1.
+
+Versions are registered with onnx=False: the ONNX export (seconds per version) and its
+serving are tested in test_export.py."""
 
 from __future__ import annotations
 
@@ -98,7 +101,7 @@ def version_tags(name: str, version: str) -> dict[str, str]:
 
 def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> None:
     name = "student-lifecycle"
-    v1 = tracking.register_model(tiny_model(project, 1), name, {"kvasir": {"meanDic": 0.6}, "cvc": {"meanDic": 0.6}}, evaluation_data=DATA, serving_config=SERVE)
+    v1 = tracking.register_model(tiny_model(project, 1), name, {"kvasir": {"meanDic": 0.6}, "cvc": {"meanDic": 0.6}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     assert (v1.name, v1.version) == (name, "1")
     assert aliases(name) == {"challenger": "1"}
     assert float(version_tags(name, "1")["metric.meanDic"]) == pytest.approx(0.6)
@@ -107,7 +110,7 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> Non
     assert first.promoted and first.challenger == "1" and first.champion_before is None
     assert aliases(name)["champion"] == "1"
 
-    tracking.register_model(tiny_model(project, 2), name, {"kvasir": {"meanDic": 0.9}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE)
+    tracking.register_model(tiny_model(project, 2), name, {"kvasir": {"meanDic": 0.9}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     better = tracking.promote(name, GATE)
     assert better.promoted
     assert (better.challenger, better.champion_before) == ("2", "1")
@@ -115,7 +118,7 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> Non
     assert aliases(name) == {"champion": "2", "challenger": "2"}
     assert version_tags(name, "2")["previous_champion"] == "1"
 
-    tracking.register_model(tiny_model(project, 3), name, {"kvasir": {"meanDic": 0.8}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE)
+    tracking.register_model(tiny_model(project, 3), name, {"kvasir": {"meanDic": 0.8}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     worse = tracking.promote(name, GATE)
     assert not worse.promoted
     assert "0.7500 < champion 0.8000" in worse.reason
@@ -145,8 +148,8 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> Non
 
 def test_a_retried_register_adds_no_second_version(project: Path, model_file: Path) -> None:
     name = "student-retry"
-    first = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE)
-    retry = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE)
+    first = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    retry = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     assert (first.version, first.existed) == ("1", False) and (retry.version, retry.existed) == ("1", True)
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
@@ -161,14 +164,14 @@ def test_the_version_names_its_data_commit_training_run_and_teacher(project: Pat
     with tracking.stage_run("train_teacher") as teacher_run:
         pass
     teacher_file = tiny_model(project, 10, role="teacher", mlflow_run_id=teacher_run.info.run_id, train_data="kvasir-seg@aaaa")
-    teacher = tracking.register_model(teacher_file, "teacher-lineage", {"kvasir-seg": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE)
+    teacher = tracking.register_model(teacher_file, "teacher-lineage", {"kvasir-seg": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     with tracking.stage_run("train_student") as student_run:
         pass
     sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
     student_file = tiny_model(project, 11, role="student", method="kdas", mlflow_run_id=student_run.info.run_id,
                               train_data="kvasir-seg@aaaa", teacher=str(teacher_file), teacher_sha256=sha)
     version = tracking.register_model(student_file, "student-lineage", {"kvasir-seg": {"meanDic": 0.75}}, evaluation_data=DATA,
-                                      teacher_name="teacher-lineage", serving_config=SERVE)
+                                      teacher_name="teacher-lineage", serving_config=SERVE, onnx=False)
     assert version.run_id == student_run.info.run_id  # logged in the model's own training run: one record
     tags = version_tags("student-lineage", version.version)
     assert tags["kdas.train_data"] == "kvasir-seg@aaaa" and tags["kdas.eval_data"] == DATA
@@ -203,11 +206,11 @@ def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tm
     gate = GateParams(metric="meanDic", margin=0.01, floor=0.0)  # tiny untrained models score low
     for name, delta, promoted in (("compare-better", +0.05, True), ("compare-worse", -0.05, False)):
         champion = tiny_model(project, 20)
-        tracking.register_model(champion, name, {"kvasir-seg": {"meanDic": 0.99}}, evaluation_data="kvasir-seg@aaaaaaaaaaaa", serving_config=SERVE)
+        tracking.register_model(champion, name, {"kvasir-seg": {"meanDic": 0.99}}, evaluation_data="kvasir-seg@aaaaaaaaaaaa", serving_config=SERVE, onnx=False)
         assert tracking.promote(name, gate).promoted
         on_b = evaluate_on_b(str(champion))[0]["meanDic"]  # what the champion scores on B
         challenger = tiny_model(project, 21 if promoted else 22)
-        tracking.register_model(challenger, name, {"synth": {"meanDic": on_b + delta}}, evaluation_data=data_b, serving_config=SERVE)
+        tracking.register_model(challenger, name, {"synth": {"meanDic": on_b + delta}}, evaluation_data=data_b, serving_config=SERVE, onnx=False)
         blind = tracking.promote(name, gate)  # without a way to evaluate: never decided on other data
         assert not blind.promoted and "scored on other data" in blind.reason
         decision = tracking.promote(name, gate, evaluate_on_b)
@@ -219,7 +222,7 @@ def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tm
 
 def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Path) -> None:
     name = "student-resolved"
-    v1 = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE)
+    v1 = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     path = tracking.resolve_model_file(f"models:/{name}@challenger")
     assert path.is_file() and path.is_relative_to(project / ".cache" / "kdas" / "models")
     assert path.read_bytes() == model_file.read_bytes()
@@ -232,7 +235,7 @@ def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Pa
     assert tracking.resolve_model_file(f"runs:/{v1.run_id}/model").read_bytes() == path.read_bytes()
     # the alias moves with a new version: so does the file it resolves to
     other = save_model(project / "other.pt", create_model(TINY), image_size=96, info={})
-    tracking.register_model(other, name, {"kvasir": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE)
+    tracking.register_model(other, name, {"kvasir": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     moved = tracking.resolve_model_file(f"models:/{name}@challenger/")
     assert moved != path and load_model(moved).image_size == 96
     # a local path is returned as is
@@ -254,7 +257,7 @@ def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Pa
 
 def test_champion_loads_in_a_fresh_process(project: Path, model_file: Path) -> None:
     name = "student-fresh"
-    tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE)
+    tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     assert tracking.promote(name, GATE).promoted
     code = textwrap.dedent(
         """

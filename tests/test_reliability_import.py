@@ -62,6 +62,7 @@ def test_a_release_folder_called_synth_is_refused(tmp_path):
     assert not (tmp_path / "raw").exists()
 
 
+@pytest.mark.slow
 def test_cli_gives_one_line_for_a_bad_name(workdir):
     src = make_dataset(workdir / "ds", n=1)
     proc = subprocess.run([sys.executable, "-m", "kdas", "data", "import", str(src), "--name", "..", "--no-dvc"],
@@ -74,6 +75,7 @@ def test_cli_gives_one_line_for_a_bad_name(workdir):
 # --------------------------------------------------------------------------- items 3, 8: zips
 
 
+@pytest.mark.slow
 def test_zip_bomb_is_refused_before_extracting(tmp_path):
     archive = tmp_path / "bomb.zip"  # the probe's case: ~1 MB on disk, one 1 GiB entry
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, tool_environ
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 STAGE = """\
 stages:

@@ -56,6 +56,7 @@ def _dvc_project(root: Path) -> dict[str, str]:
     return {"raw": raw, "processed": lock}
 
 
+@pytest.mark.slow
 def test_default_store_is_sqlite_in_the_project(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.tracking_uri() == f"sqlite:///{mlflow_store.resolve()}/mlflow/mlflow.db"
@@ -73,6 +74,7 @@ def test_default_store_is_sqlite_in_the_project(mlflow_store: Path, monkeypatch:
     assert not (mlflow_store / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_stage_run_nested_under_pipeline_run(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tracking.EXPERIMENT_ENV, "kdas-test")
     md5 = _dvc_project(mlflow_store)
@@ -167,6 +169,7 @@ def test_data_lineage_tolerates_missing_dvc_files(mlflow_store: Path) -> None:
         assert tracking.log_data_lineage(["data/processed"], stage="train") == {}
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_is_one_line_in_seconds(tmp_path: Path) -> None:
     import socket
 

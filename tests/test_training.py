@@ -45,6 +45,7 @@ def test_multiscale_sizes_round_to_the_stride():
     assert scaled_size(64, 0.25) == 32
 
 
+@pytest.mark.slow
 def test_a_student_overfits_four_synthetic_images(manifest):
     torch.manual_seed(0)
     rows = manifest[manifest["foreground_fraction"] > 0.02].head(4)
@@ -118,6 +119,7 @@ train(TrainJob(role="student", model=RoleModel("polyp_pvt_tiny", None, "none", 0
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(manifest, tmp_path):
     params = dataclasses.replace(TINY, epochs=8, workers=1)
     manifest_file = tmp_path / "manifest.parquet"
@@ -163,6 +165,7 @@ def test_a_crafted_resume_checkpoint_never_runs_code(manifest, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_trains_and_writes_one_checkpoint(manifest, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
