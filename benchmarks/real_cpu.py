@@ -1,6 +1,6 @@
 """The real-data KDAS benchmark on a CPU: the PraNet split, an EfficientNet-Lite2 teacher and
 EfficientNet-Lite0 students (ImageNet weights from ../shared/weights), one DVC experiment
-per distillation method, each tracked in MLflow. Writes benchmarks/results/real-cpu.md.
+per distillation method, variant and seed, each tracked in MLflow. Writes benchmarks/results/real-cpu.md.
 
     python benchmarks/real_cpu.py                 # import the data, run every experiment, write the table
     python benchmarks/real_cpu.py --report-only   # rebuild the table from the experiments already run
@@ -25,7 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATASETS = {"kvasir-seg": "kvasir-seg", "cvc-clinicdb": "cvc-clinicdb", "cvc-colondb": "cvc-colondb"}
-METHODS = ("none", "sgm", "kdas")
+# each student: its `dvc exp run -S` settings besides the seed (the real-cpu profile holds the rest)
+STUDENTS = {
+    "none": ["distill.method=none"],
+    "sgm": ["distill.method=sgm"],
+    "kdas": ["distill.method=kdas"],                                     # spatial attention, alpha 0.3
+    "kdas-alpha0.1": ["distill.method=kdas", "distill.alpha=0.1"],       # a weaker attention term
+    "kdas-pairwise": ["distill.method=kdas", "distill.attention=pairwise"],
+}
 RESULTS = ROOT / "benchmarks" / "results" / "real-cpu.md"
 # The papers' numbers (KDAS, ICME 2024, Table 1: GPU, 352 px, 100 epochs, PVTv2 backbones,
 # best epoch picked on the test sets): theirs, for reference only.
@@ -43,17 +50,19 @@ def sh(*cmd: str) -> str:
     return out.stdout
 
 
-def plan(seeds: list[int]) -> dict[str, list[str]]:
-    """Experiment name -> its `dvc exp run -S` settings, in the order they run: every method on
-    the first seed, then KDAS's variants (a weaker attention term, the pairwise form) on it, then
-    every method on each further seed. `distill.seed` seeds the student alone, so DVC's run
-    cache trains the teacher once for all of them."""
+def plan(seeds: list[int], done: dict[str, dict]) -> dict[str, list[str]]:
+    """Experiment name -> its `dvc exp run -S` settings, in the order they run. On the first
+    seed: the student alone, SGM, and each KDAS variant; on each further seed: the student
+    alone, SGM, and the KDAS variant with the best val meanDic on the first seed (selected on
+    val, never on a test set; known once the first seed's runs in `done` are over).
+    `distill.seed` seeds the student alone, so DVC's run cache trains the teacher once."""
     first, *others = seeds
-    runs = {f"real-cpu-{m}-seed{first}": [f"distill.method={m}", f"distill.seed={first}"] for m in METHODS}
-    runs[f"real-cpu-kdas-alpha0.1-seed{first}"] = ["distill.method=kdas", "distill.alpha=0.1", f"distill.seed={first}"]
-    runs[f"real-cpu-kdas-pairwise-seed{first}"] = ["distill.method=kdas", "distill.attention=pairwise", f"distill.seed={first}"]
+    runs = {f"real-cpu-{name}-seed{first}": [*settings, f"distill.seed={first}"] for name, settings in STUDENTS.items()}
+    scored = {name: _metrics(done[f"real-cpu-{name}-seed{first}"], "models/student/metrics.json").get("best_val_meanDic", -1.0)
+              for name in STUDENTS if name.startswith("kdas") and f"real-cpu-{name}-seed{first}" in done}
+    kdas = max(scored, key=scored.get) if scored else "kdas"
     for seed in others:
-        runs |= {f"real-cpu-{m}-seed{seed}": [f"distill.method={m}", f"distill.seed={seed}"] for m in METHODS}
+        runs |= {f"real-cpu-{name}-seed{seed}": [*STUDENTS[name], f"distill.seed={seed}"] for name in ("none", "sgm", kdas)}
     return runs
 
 
@@ -62,10 +71,12 @@ def run(seeds: list[int]) -> None:
         if not (ROOT / "data" / "raw" / name).exists():
             sh("kdas", "data", "import", str(SHARED / "datasets" / folder))
     sh("kdas", "params", "use", "real-cpu")
-    for exp, settings in plan(seeds).items():
-        if exp in experiments():
-            print(f"{exp}: already run, kept", flush=True)
-            continue
+    while True:  # the plan is read again after each run: later runs depend on earlier results
+        done = experiments()
+        todo = [(name, settings) for name, settings in plan(seeds, done).items() if name not in done]
+        if not todo:
+            return
+        exp, settings = todo[0]
         started = time.time()
         sh("dvc", "exp", "run", "-n", exp, *[arg for s in settings for arg in ("-S", s)])
         print(f"{exp}: {(time.time() - started) / 60:.1f} min", flush=True)
@@ -115,12 +126,12 @@ def seed_table(exps: dict[str, dict]) -> list[str]:
     return lines
 
 
-def commands(seeds: list[int]) -> list[str]:
+def commands(seeds: list[int], done: dict[str, dict]) -> list[str]:
     return ["```bash", "git clone . ../kdas-bench && cd ../kdas-bench",
             "python -m venv .venv && .venv/bin/pip install -e '.[test]'",
             f".venv/bin/python benchmarks/real_cpu.py --seeds {' '.join(map(str, seeds))}"
             "   # imports ../shared/datasets, `kdas params use real-cpu`, then:",
-            *[f"#   dvc exp run -n {name} " + " ".join(f"-S {s}" for s in settings) for name, settings in plan(seeds).items()],
+            *[f"#   dvc exp run -n {name} " + " ".join(f"-S {s}" for s in settings) for name, settings in plan(seeds, done).items()],
             ".venv/bin/python benchmarks/real_cpu.py --report-only   # this file again, from `dvc exp show`", "```", ""]
 
 
@@ -129,7 +140,7 @@ def report(seeds: list[int], reading: str) -> str:
     if not exps:
         sys.exit("no real-cpu experiment found (`dvc exp show`); run without --report-only first")
     lines = ["# Real-data KDAS benchmark on a 2-core CPU", "", READING, "", reading.strip() or "(to be written: what the numbers say)", "",
-             "## Commands", "", *commands(seeds),
+             "## Commands", "", *commands(seeds, exps),
              "## Results", "",
              "Measured here by `python benchmarks/real_cpu.py` (see its docstring); every row is a DVC experiment",
              "(`dvc exp show`), tracked in MLflow (`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`).", "",
