@@ -92,7 +92,7 @@ def experiments() -> dict[str, dict]:
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
-                if rev.get("name"):
+                if rev.get("name") and rev.get("rev") != "workspace":  # "workspace": still running there
                     found[rev["name"]] = {"rev": rev.get("rev"), "baseline": baseline.get("rev"), "params": data.get("params", {}),
                                           "metrics": data.get("metrics", {})}
     return found
