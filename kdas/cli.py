@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from kdas.config import DistillParams, Params, load_params, serving_limits
+from kdas.maps import THRESHOLD
 
 ROLES = ("teacher", "student")
 RAW = Path("data/raw")
@@ -465,7 +466,7 @@ def rollback(ctx: click.Context, role: str) -> None:
               help="Model file, MLflow URI, or an ONNX export (.onnx, runs on onnxruntime). Default: the student's champion, "
                    "models:/<register.student_name>@champion.")
 @click.option("--out", default=Path("predictions"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Mask threshold on the probability.")
+@click.option("--threshold", default=THRESHOLD, show_default=True, type=click.FloatRange(0, 1), help="Mask threshold on the probability.")
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
 def predict(ctx: click.Context, images: tuple[Path, ...], model_ref: str | None, out: Path, threshold: float, device: str) -> None:

@@ -41,14 +41,13 @@ from tqdm import tqdm  # noqa: E402
 
 from kdas.data.manifest import data_id  # noqa: E402
 from kdas.inference import Segmenter  # noqa: E402
-from kdas.maps import PREPARATIONS, prepare  # noqa: E402
+from kdas.maps import PREPARATIONS, THRESHOLD, prepare  # noqa: E402
 from kdas.io import atomic_path, binarise, read_mask, read_rgb, write_text  # noqa: E402
 from kdas.metrics import Evaluator  # noqa: E402
 from kdas.models import count_macs, count_parameters  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-THRESHOLD = 0.5  # the mask threshold of the pictures: `kdas predict`'s and serve.threshold's default
 # the overlay's colours (RGB 0-1): true positive, false positive, false negative
 TP_COLOUR, FP_COLOUR, FN_COLOUR = (0.1, 0.85, 0.1), (1.0, 0.1, 0.1), (0.15, 0.45, 1.0)
 

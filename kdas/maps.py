@@ -13,6 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+THRESHOLD = 0.5  # a mask from a probability map: the pictures' and `kdas predict`'s (a served model's is serve.threshold)
 PREPARATIONS = {
     "calibrated": "sigmoid of the logits upsampled to the image size (what a deployed model outputs)",
     "published": "as the official test scripts: sigmoid of the upsampled logits, min-max normalised per image",
