@@ -36,6 +36,9 @@ import psutil
 # "database is locked" traceback at start): off at its source, before prefect is imported
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client-side SDK telemetry
+# the ephemeral Prefect server (no PREFECT_API_URL) may take more than its default 20 s to
+# start on a busy 2-core machine: the main job then failed before its first stage
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
