@@ -25,13 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATASETS = {"kvasir-seg": "kvasir-seg", "cvc-clinicdb": "cvc-clinicdb", "cvc-colondb": "cvc-colondb"}
-# each student: its `dvc exp run -S` settings besides the seed (the real-cpu profile holds the rest)
+# each student: its `dvc exp run -S` settings besides the seed, every varied key given (a
+# workspace experiment leaves its -S values in params.yaml for the next one)
 STUDENTS = {
     "none": ["distill.method=none"],
-    "sgm": ["distill.method=sgm"],
-    "kdas": ["distill.method=kdas"],                                     # spatial attention, alpha 0.3
-    "kdas-alpha0.1": ["distill.method=kdas", "distill.alpha=0.1"],       # a weaker attention term
-    "kdas-pairwise": ["distill.method=kdas", "distill.attention=pairwise"],
+    "sgm": ["distill.method=sgm", "distill.alpha=0.3"],
+    "kdas": ["distill.method=kdas", "distill.attention=spatial", "distill.alpha=0.3"],
+    "kdas-alpha0.1": ["distill.method=kdas", "distill.attention=spatial", "distill.alpha=0.1"],
+    "kdas-pairwise": ["distill.method=kdas", "distill.attention=pairwise", "distill.alpha=0.3"],
 }
 RESULTS = ROOT / "benchmarks" / "results" / "real-cpu.md"
 # The papers' numbers (KDAS, ICME 2024, Table 1: GPU, 352 px, 100 epochs, PVTv2 backbones,
