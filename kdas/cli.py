@@ -298,7 +298,6 @@ def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out:
     none: the student alone on the ground truth; sgm: + symmetrical guiding;
     kdas: + attention supervision + symmetrical guiding.
     """
-
     from kdas import tracking
 
     distill = params_of(ctx).distill
@@ -390,8 +389,6 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     The version is logged in the model's training run and carries its data, commit, params
     and metrics; registering the same model file again adds no version.
     """
-    import dataclasses
-
     from kdas import tracking
     from kdas.io import write_text
 
