@@ -141,12 +141,25 @@ def to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask as HxW uint8 grey levels (not yet binarised)."""
+    """A mask as HxW uint8 grey levels 0-255 (not yet binarised), whatever its stored scale:
+    0/1, 0/255 or 16-bit (see mask_levels)."""
     im = open_image(path)
-    if im.mode in ("1", "L", "P", "RGB", "RGBA", "LA"):
-        return np.asarray(im.convert("L"))
-    arr = to_uint8(np.asarray(im))
-    return arr if arr.ndim == 2 else arr[..., 0]
+    arr = np.asarray(im.convert("L")) if im.mode in ("1", "L", "P", "RGB", "RGBA", "LA") else np.asarray(im)
+    return mask_levels(arr if arr.ndim == 2 else arr[..., 0])
+
+
+def mask_levels(mask: np.ndarray) -> np.ndarray:
+    """Integer grey levels on the 0-255 scale. Masks are stored on several scales: 0/1 (many
+    releases), 0/255, 0/65535, or 8-bit values in a 16-bit file; each is read on the smallest
+    of 1, 255 and the type's maximum that holds its largest value, so a 0/1 mask is not
+    taken for an empty one (and a soft mask stays soft, for the importer to refuse)."""
+    if not np.issubdtype(mask.dtype, np.integer) or mask.size == 0:
+        return to_uint8(mask)
+    top = int(mask.max())
+    scale = 1 if top <= 1 else 255 if top <= 255 else np.iinfo(mask.dtype).max
+    if scale == 255 and mask.dtype == np.uint8:
+        return mask
+    return (np.clip(mask, 0, None).astype(np.float64) / scale * 255 + 0.5).astype(np.uint8)
 
 
 def binarise(mask: np.ndarray) -> np.ndarray:

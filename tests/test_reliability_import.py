@@ -192,3 +192,41 @@ def test_problems_inside_a_zip_are_named_as_in_the_archive(tmp_path):
     archive = zip_folder(src, tmp_path / "ds.zip")
     with pytest.raises(ImportError_, match=rf"{archive}/ds/images/img00.png: cannot decode image"):
         import_dataset(archive, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+
+
+# --------------------------------------------------------------------------- round two: mask scales, sizes
+
+
+def mask_file(path, pixels: np.ndarray, mode: str | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode).save(path) if mode else Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("scale,dtype", [(1, np.uint8), (1, np.uint16), (255, np.uint16), (65535, np.uint16)],
+                         ids=["0-1 8-bit", "0-1 16-bit", "0-255 16-bit", "0-65535 16-bit"])
+def test_a_mask_on_any_scale_is_imported_as_its_polyp(tmp_path, scale, dtype):
+    src = make_dataset(tmp_path / "ds", n=2)
+    for i in range(2):
+        pixels = np.zeros((80, 96), dtype)
+        pixels[20:40, 24:48] = scale
+        mask_file(src / "masks" / f"img{i:02d}.png", pixels)
+    [out] = import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    stored = np.asarray(Image.open(out / "masks" / "img00.png"))
+    assert set(np.unique(stored)) == {0, 255} and stored[30, 30] == 255 and stored[10, 10] == 0
+    assert describe_pair(str(out / "images" / "img00.png"), str(out / "masks" / "img00.png"))["foreground_fraction"] == pytest.approx(20 * 24 / (80 * 96))
+
+
+def test_a_soft_mask_is_still_refused_on_a_16_bit_scale(tmp_path):
+    src = make_dataset(tmp_path / "ds", n=1)
+    mask_file(src / "masks" / "img00.png", np.tile(np.linspace(0, 65535, 96).astype(np.uint16), (80, 1)))
+    with pytest.raises(ImportError_, match=r"img00.png: not a binary mask"):
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+
+
+def test_a_mask_of_another_size_is_named_by_the_import_itself(tmp_path):
+    src = make_dataset(tmp_path / "ds", n=3)
+    write_pair(tmp_path / "unused", src / "masks", "img01", size=(64, 48))
+    with pytest.raises(ImportError_, match=r"1 problem\(s\), nothing imported:\n  .*masks/img01.png: mask is 64x48 px, its image img01.png is 96x80 px"):
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert left_in(tmp_path / "raw") == []

@@ -160,22 +160,24 @@ def safe_extract(archive: Path, dest: Path, *, max_entries: int = MAX_ENTRIES, m
         raise ImportError_(f"{archive}: {where} ({exc})") from None
 
 
-def _convert_image(src: Path, dst_dir: Path) -> None:
-    """Copy JPEG/PNG bytes untouched; TIFF/BMP become PNG at their own bit depth."""
-    open_image(src)  # full decode: a truncated or corrupt file fails here, named
+def _convert_image(src: Path, dst_dir: Path) -> tuple[int, int]:
+    """Copy JPEG/PNG bytes untouched; TIFF/BMP become PNG at their own bit depth. Returns (width, height)."""
+    size = open_image(src).size  # full decode: a truncated or corrupt file fails here, named
     if src.suffix.lower() in COPY_AS_IS:
         ext = ".jpg" if src.suffix.lower() in (".jpg", ".jpeg") else ".png"
         shutil.copyfile(src, dst_dir / f"{src.stem}{ext}")
-        return
+        return size
     arr = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)  # keeps 16 bit; BGR in, BGR out
     if arr is None:
         raise ImageReadError(f"{src}: cannot decode image")
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[..., :3]
     cv2.imwrite(str(dst_dir / f"{src.stem}.png"), arr)
+    return size
 
 
-def _convert_mask(src: Path, dst_dir: Path, max_nonbinary: float) -> None:
+def _convert_mask(src: Path, dst_dir: Path, max_nonbinary: float) -> tuple[int, int]:
+    """Write the mask as 0/255 PNG, whatever its scale (read_mask); refuse a soft one. Returns (width, height)."""
     grey = read_mask(src)
     nonbinary = nonbinary_fraction(grey)
     if nonbinary > max_nonbinary:
@@ -184,6 +186,7 @@ def _convert_mask(src: Path, dst_dir: Path, max_nonbinary: float) -> None:
             f"at most {max_nonbinary:.0%} allowed, e.g. JPEG edges)"
         )
     Image.fromarray(binarise(grey).astype(np.uint8) * 255).save(dst_dir / f"{src.stem}.png")
+    return grey.shape[1], grey.shape[0]
 
 
 def _convert_all(found: FoundDataset, out: Path, *, max_nonbinary: float, workers: int) -> list[str]:
@@ -199,12 +202,15 @@ def _convert_all(found: FoundDataset, out: Path, *, max_nonbinary: float, worker
     (out / "masks").mkdir()
 
     def convert(stem: str) -> list[str]:
-        found_here = []
+        found_here, sizes = [], []
         for step in (lambda: _convert_image(images[stem], out / "images"), lambda: _convert_mask(masks[stem], out / "masks", max_nonbinary)):
             try:
-                step()
+                sizes.append(step())
             except ValueError as exc:  # ImageReadError, ImportError_: a bad file, named
                 found_here.append(str(exc))
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            (iw, ih), (mw, mh) = sizes
+            found_here.append(f"{masks[stem]}: mask is {mw}x{mh} px, its image {images[stem].name} is {iw}x{ih} px (they must match)")
         return found_here
 
     paired = sorted(set(images) & set(masks))
