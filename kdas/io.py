@@ -4,7 +4,8 @@ A failed run must never leave a half-written dataset, checkpoint or report behin
 every writer goes through `atomic_path` / `atomic_dir`: write to a temporary sibling
 `.<name>.<pid>.<random>.tmp`, then rename (atomic on one filesystem). The temporary is
 removed on failure; one left by a killed process (its pid gone) is removed when the next
-writer of the same target starts.
+writer of the same target starts. A folder is only ever replaced if kdas made it (its
+marker file is in it) or it is empty: never a user's folder or a parent of datasets.
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
+# In every folder atomic_dir writes: what kdas made, kdas may replace
+MARKER = ".kdas-made"
+
+
 class ImageReadError(ValueError):
     """An image or mask file cannot be decoded."""
+
+
+class ForeignFolderError(ValueError):
+    """A folder kdas would replace holds something kdas did not write."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -73,7 +82,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     An existing `path` is moved aside to `.<name>.old` first and only deleted once the new
     folder is in place, so a failure at any point leaves the old content as it was (after
-    a kill between the two renames, the next run puts `.<name>.old` back).
+    a kill between the two renames, the next run puts `.<name>.old` back). An existing
+    `path` that kdas did not write (no MARKER in it) and that is not empty is refused.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +93,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, path)
+    if path.is_symlink() or path.exists() and not (path.is_dir() and ((path / MARKER).is_file() or not any(path.iterdir()))):
+        raise ForeignFolderError(f"{path}: exists and was not written by kdas (no {MARKER} file in it); kdas replaces only "
+                                 "folders it made: choose another output, or move it away yourself")
     tmp = _temporary(path)
     tmp.mkdir()
+    (tmp / MARKER).write_text("Written by kdas, which may replace this folder.\n")
     try:
         yield tmp
         if path.exists():

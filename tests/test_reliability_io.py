@@ -103,3 +103,42 @@ def test_a_decompression_bomb_in_data_raw_is_one_rows_error(tmp_path):
     assert "img02.png: cannot decode image" in errors["img02"] and "decompression bomb" in errors["img02"]
     assert [errors[i] for i in ("img00", "img01", "img03")] == ["", "", ""]
     assert time.monotonic() - start < 30
+
+
+# --------------------------------------------------------------------------- round two: never replace what kdas did not make
+
+
+def synth(project: Path, out: str):
+    """`kdas data synth --out OUT` in-process, 3 frames of 32 px."""
+    import yaml
+    from click.testing import CliRunner
+
+    from kdas.cli import main
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["synth"].update(n_images=3, size=32)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return CliRunner().invoke(main, ["data", "synth", "--out", out])
+
+
+@pytest.mark.parametrize("out", ["data/raw", "mine"])
+def test_synth_never_replaces_a_folder_kdas_did_not_make(workdir, out):
+    import_dataset(make_dataset(workdir / "ds", n=1), workdir / "data" / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    (workdir / "mine").mkdir()
+    (workdir / "mine" / "thesis.tex").write_text("years of work")
+    before = {p: p.read_bytes() for p in [*(workdir / "data").rglob("*"), *(workdir / "mine").rglob("*")] if p.is_file()}
+    result = synth(workdir, out)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: {out}: exists and was not written by kdas (no .kdas-made file in it); kdas replaces only "
+                                     "folders it made: choose another output, or move it away yourself")
+    after = {p: p.read_bytes() for p in [*(workdir / "data").rglob("*"), *(workdir / "mine").rglob("*")] if p.is_file()}
+    assert after == before
+
+
+def test_synth_replaces_its_own_output_and_fills_an_empty_folder(workdir):
+    (workdir / "empty").mkdir()
+    for out in ("empty", "data/raw/synth", "data/raw/synth"):
+        result = synth(workdir, out)
+        assert result.exit_code == 0, result.output
+        assert len(list((workdir / out / "images").iterdir())) == 3 and (workdir / out / ".kdas-made").is_file()
+    assert sorted(p.name for p in (workdir / "data" / "raw").iterdir()) == ["synth"]
