@@ -261,21 +261,24 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
         run_train(job)
         return
     logged = {"role": role, "teacher": str(teacher or ""), "train": train_params, "model": spec, **({"distill": distill} if distill else {})}
+    tracking.bound_http_waits()  # a tracking server that dies mid-training costs seconds per epoch, not the training
     with tracking.stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
         # what the model file records of its origin: its MLflow run, its data, its teacher
         job.info = {"mlflow_run_id": run.info.run_id, "train_data": data_id(job.manifest[job.manifest["split"].isin(["train", "val"])])}
         if teacher is not None and job.method != "none":
             job.info |= {"teacher": str(teacher), "teacher_sha256": hashlib.sha256(Path(teacher).read_bytes()).hexdigest()}
-        job.on_epoch = tracking.log_metrics
+        job.on_epoch = epochs = tracking.TrainingLog()
         result = run_train(job)
-        tracking.log_metrics({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
+        epochs({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
         for name in ("history.csv", "history.png", "metrics.json"):  # the weights go to the registry (kdas register)
             if (out / name).exists():
-                tracking.log_artifact(out / name, artifact_path=role)
+                epochs.artifact(out / name, artifact_path=role)
     click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {job.method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
     click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'} "
                f"(picture: {out / 'history.png'})")
     click.echo(f"  MLflow:  run {run.info.run_id} in {tracking.tracking_uri()}")
+    if missing := epochs.unlogged():
+        click.secho(f"warning: {missing}", fg="yellow", err=True)
 
 
 @train.command("teacher")

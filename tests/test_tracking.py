@@ -60,9 +60,10 @@ def _dvc_project(root: Path) -> dict[str, str]:
 def test_default_store_is_sqlite_in_the_project(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.tracking_uri() == f"sqlite:///{mlflow_store.resolve()}/mlflow/mlflow.db"
-    (mlflow_store / "report.txt").write_text("hello")
+    (mlflow_store / "report").mkdir()
+    (mlflow_store / "report" / "report.txt").write_text("hello")
     with tracking.stage_run("evaluate") as run:
-        tracking.log_artifact(mlflow_store / "report.txt", "reports")
+        tracking.log_artifacts(mlflow_store / "report", "reports")
         tracking.log_dict({"meanDic": 0.5}, "metrics.json")
     client = MlflowClient(tracking.tracking_uri())
     experiment = client.get_experiment(run.info.experiment_id)

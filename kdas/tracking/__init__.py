@@ -28,7 +28,8 @@ from kdas.tracking.registry import (
 )
 from kdas.tracking.runs import (
     PARENT_RUN_ENV,
-    log_artifact,
+    TrainingLog,
+    bound_http_waits,
     log_artifacts,
     log_data_lineage,
     log_dict,
@@ -43,7 +44,7 @@ from kdas.tracking.store import EXPERIMENT_ENV, ensure_experiment, tracking_uri
 
 __all__ = [
     "CHALLENGER", "CHAMPION", "EXPERIMENT_ENV", "PARENT_RUN_ENV", "RUNTIME_DEFAULTS", "RegisteredVersion", "RegistryError",
-    "SegmenterModel", "champion_metrics", "ensure_experiment", "is_model_uri", "log_artifact", "log_artifacts",
+    "SegmenterModel", "TrainingLog", "bound_http_waits", "champion_metrics", "ensure_experiment", "is_model_uri", "log_artifacts",
     "log_data_lineage", "log_dict", "log_metrics", "log_params", "log_segmenter", "model_cache_dir", "model_run",
     "pipeline_run", "promote", "register_model", "resolve_model_file", "rollback", "stage_run", "tracking_uri",
     "version_summary",

@@ -5,23 +5,37 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 
 from kdas.provenance import flatten, git_tags, lineage_tags, system_tags
-from kdas.tracking.store import ensure_experiment, get_client, project_dir, tracking_uri
+from kdas.tracking.store import check_reachable, ensure_experiment, get_client, project_dir, tracking_uri
+
+log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "KDAS_PARENT_RUN_ID"
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
+# MLflow's client retries a failed call 7 times with exponential backoff, 120 s each: a
+# tracking server that died during training stalled the run 12 minutes, then stopped it.
+# A training's calls get 2 retries, 1 s backoff, 10 s timeouts; what fails waits in TrainingLog.
+BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
+
+def bound_http_waits() -> None:
+    """Short MLflow HTTP retries and timeouts (BOUNDED_HTTP) for the rest of this process,
+    a training command; values the user set in the environment are kept."""
+    for key, value in BOUNDED_HTTP.items():
+        os.environ.setdefault(key, value)
 
 
 
@@ -84,9 +98,12 @@ def _run(name: str, params: Mapping[str, Any] | None, kind: str) -> Iterator[Any
         status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
         with contextlib.suppress(Exception):  # never hide the stage's own error
             mlflow.set_tag("kdas.error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(RunStatus.to_string(status))
+            mlflow.end_run(RunStatus.to_string(status))
         raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    try:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    except MlflowException as exc:  # the stage's work is done and written: a lost status must not undo it
+        log.warning("MLflow run %s could not be marked FINISHED (%s); it shows RUNNING in %s", run.info.run_id, _short(exc), tracking_uri())
 
 
 def _require_run() -> None:
@@ -131,6 +148,13 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, *, model_id
     skipped with a warning (MLflow would store them, and they would poison comparisons).
     `model_id` and `dataset` attach them to a logged model and an evaluation dataset."""
     _require_run()
+    clean = _numbers(metrics)
+    if clean:
+        mlflow.log_metrics(clean, step=step, model_id=model_id, dataset=dataset)
+    return clean
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     clean: dict[str, float] = {}
     for key, value in flatten(metrics, sep="/").items():
         try:
@@ -142,14 +166,62 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, *, model_id
             warnings.warn(f"metric {key}={number} is not finite: not logged", stacklevel=2)
             continue
         clean[key] = number
-    if clean:
-        mlflow.log_metrics(clean, step=step, model_id=model_id, dataset=dataset)
     return clean
 
 
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    _require_run()
-    mlflow.log_artifact(os.fspath(path), artifact_path)
+def _short(exc: BaseException) -> str:
+    """An error in one short line (MLflow's connection errors run to a paragraph)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class TrainingLog:
+    """What a training logs to its run while it trains: the engine's per-epoch callback
+    (`job.on_epoch = TrainingLog()`), then its final metrics and files.
+
+    A tracking store that stops answering costs a warning per call and a bounded wait (a
+    TCP probe, then BOUNDED_HTTP), never the training: what was not taken is kept and sent,
+    with its own step and time, by the next call that gets through. `unlogged()` names what
+    never was."""
+
+    def __init__(self) -> None:
+        _require_run()
+        self.run_id = mlflow.active_run().info.run_id
+        self.uri = tracking_uri()
+        self.metrics: list[Metric] = []
+        self.waiting: list[str] = []  # the metrics kept, in words: "epoch 3", "the final metrics"
+        self.files: list[tuple[str, str | None]] = []
+
+    def __call__(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        self.metrics += [Metric(key, value, now, step or 0) for key, value in _numbers(metrics).items()]
+        self.waiting.append(f"epoch {step}" if step is not None else "the final metrics")
+        self._send(self.waiting[-1])
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.files.append((os.fspath(path), artifact_path))
+        self._send(Path(path).name)
+
+    def _send(self, what: str) -> None:
+        try:
+            check_reachable(self.uri)  # a closed port answers at once; MLflow's retries take seconds
+            client = mlflow.MlflowClient(self.uri)
+            if self.metrics:
+                client.log_batch(self.run_id, metrics=self.metrics)
+                self.metrics, self.waiting = [], []
+            while self.files:
+                client.log_artifact(self.run_id, *self.files[0])
+                self.files.pop(0)
+        except (MlflowException, RuntimeError, OSError) as exc:
+            log.warning("MLflow did not take %s (%s); kept, to be logged when it answers again", what, _short(exc))
+
+    def unlogged(self) -> str | None:
+        """One line naming what never reached the run, or None."""
+        missing = self.waiting + [Path(path).name for path, _ in self.files]
+        if not missing:
+            return None
+        return (f"MLflow run {self.run_id} in {self.uri} misses {', '.join(missing)}: its tracking store stopped answering "
+                "(the training's own files hold every figure)")
 
 
 def log_artifacts(directory: str | Path, artifact_path: str | None = None) -> None:

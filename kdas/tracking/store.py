@@ -46,12 +46,12 @@ def get_client() -> MlflowClient:
     if store is not None:
         store.parent.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
-    _check_reachable(uri)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)  # the fluent API (runs, log_model) reads the global
     return MlflowClient(uri)
 
 
-def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """A tracking server that does not answer fails in seconds, with what to do (MLflow's
     own client retries for minutes, then raises a traceback)."""
     parsed = urlparse(uri)
