@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,7 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
 
     from kdas import tracking
     from kdas.data.manifest import data_id, read_manifest
+    from kdas.io import folder_lock
     from kdas.models import resolve_backbone
     from kdas.models.registry import check_weights
     from kdas.training import TrainJob, train as run_train
@@ -257,12 +259,15 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
     train_params = params.train if distill is None else dataclasses.replace(params.train, seed=distill.seed)
     job = TrainJob(role=role, model=spec, manifest=read_manifest(kw["manifest"]), out_dir=out, train=train_params, distill=distill,
                    teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks and reports
+    # SIGTERM ends training as SIGINT does, through its cleanups: the MLflow run ends KILLED, not RUNNING forever
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks, reports and writes
         run_train(job)
         return
     logged = {"role": role, "teacher": str(teacher or ""), "train": train_params, "model": spec, **({"distill": distill} if distill else {})}
     tracking.bound_http_waits()  # a tracking server that dies mid-training costs seconds per epoch, not the training
-    with tracking.stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
+    with folder_lock(out, f"kdas train {role}"), \
+            tracking.stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
         # what the model file records of its origin: its MLflow run, its data, its teacher
         job.info = {"mlflow_run_id": run.info.run_id, "train_data": data_id(job.manifest[job.manifest["split"].isin(["train", "val"])])}
         if teacher is not None and job.method != "none":

@@ -11,6 +11,7 @@ marker file is in it) or it is empty: never a user's folder or a parent of datas
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -36,6 +37,10 @@ class ImageReadError(ValueError):
 
 class ForeignFolderError(ValueError):
     """A folder kdas would replace holds something kdas did not write."""
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of an output folder."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -107,6 +112,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
+    """Hold the lock of an output folder while writing into it: a second writer (a second
+    training into the same --out, or one started beside an orphan of a killed `dvc repro`)
+    stops at once, named. The OS releases the lock when the process ends, SIGKILL included;
+    the lock file stays (deleting it would let two writers lock two different files)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".kdas.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(f"{folder}: {path.read_text().strip() or 'another process'} is writing into it; wait for it "
+                                  "to end or stop it, or write elsewhere (--out)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} ({holder})\n".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:

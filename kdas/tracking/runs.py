@@ -66,8 +66,8 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, dvc_stage: st
     """One MLflow run per pipeline stage, named after it.
 
     Nested under the active run if there is one, else under ``KDAS_PARENT_RUN_ID`` if set.
-    An exception marks the run FAILED (and is re-raised). `dvc_stage`: the dvc.yaml stage
-    whose deps are the run's lineage (default: `stage`).
+    An exception marks the run FAILED, a stop from outside (SIGINT, SIGTERM) KILLED; either is
+    re-raised. `dvc_stage`: the dvc.yaml stage whose deps are the run's lineage (default: `stage`).
     """
     with _run(stage, params, kind="stage") as run:
         log_data_lineage(stage=dvc_stage or stage)
@@ -94,8 +94,8 @@ def _run(name: str, params: Mapping[str, Any] | None, kind: str) -> Iterator[Any
         if params:
             log_params(params)
         yield run
-    except BaseException as exc:
-        status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: stopped from outside (SIGINT, SIGTERM)
+        status = RunStatus.KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else RunStatus.FAILED
         with contextlib.suppress(Exception):  # never hide the stage's own error
             mlflow.set_tag("kdas.error", f"{type(exc).__name__}: {exc}"[:5000])
             mlflow.end_run(RunStatus.to_string(status))
