@@ -9,6 +9,7 @@ dotted keys that `kdas params use NAME` writes into the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,13 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 DEFAULT_PARAMS = Path("params.yaml")
+# A dataset is one plain folder under data/raw: no path, no '.', '..' (`kdas data import --name`, data.datasets)
+DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# A registered model's name goes into MLflow search filters between quotes: no quote, no space
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# params.yaml holds ~200 values; YAML aliases can make a few lines stand for billions (an
+# "alias bomb": kdas's loader shares them, DVC's expands them and runs out of memory)
+MAX_YAML_VALUES = 10_000
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,14 @@ def _check_values(params: Params, where: str) -> None:
         raise ParamsError(f"{where}: train.multiscale must be a non-empty list of scales in [0.25, 4], e.g. [0.75, 1.0, 1.25]")
     from kdas.models import OUTPUT_STRIDE
 
+    for name in params.data.datasets:
+        if not DATASET_NAME.fullmatch(name):
+            raise ParamsError(f"{where}: data.datasets: {name!r} is not a dataset name (a folder under data/raw: lower-case "
+                              "letters, digits, '.', '_' or '-', no path)")
+    for key in ("student_name", "teacher_name"):
+        if not MODEL_NAME.fullmatch(getattr(params.register, key)):
+            raise ParamsError(f"{where}: register.{key} = {getattr(params.register, key)!r}: use letters, digits, '.', '_' "
+                              "or '-' (at most 100)")
     if params.train.image_size % OUTPUT_STRIDE:
         lo = params.train.image_size // OUTPUT_STRIDE * OUTPUT_STRIDE
         raise ParamsError(f"{where}: train.image_size = {params.train.image_size} must be a multiple of {OUTPUT_STRIDE} "
@@ -253,15 +269,52 @@ _SUBTYPES: dict[tuple[type, str], type] = {
 }
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML forbids it; PyYAML
+    would keep the last one silently, and DVC refuses the file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} given twice (lines {seen[key]} and {line})")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_values(raw: Any) -> int:
+    """How many values `raw` holds with its aliases expanded, counted up to MAX_YAML_VALUES + 1."""
+    count, todo = 0, [raw]
+    while todo and count <= MAX_YAML_VALUES:
+        value = todo.pop()
+        count += 1
+        if isinstance(value, dict):
+            todo += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            todo += value
+    return count
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found (run kdas from the project root, or pass --params)")
     try:
         with path.open() as fh:
-            raw = yaml.safe_load(fh) or {}
+            raw = yaml.load(fh, Loader=_StrictLoader) or {}  # noqa: S506 (a safe loader)
+    except _DuplicateKey as exc:
+        raise ParamsError(f"{path}: {exc}; a key may appear once per mapping") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if _expanded_values(raw) > MAX_YAML_VALUES:
+        raise ParamsError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values (an alias bomb?); write the "
+                          "values out instead")
     params = _build(Params, raw, str(path))
     _check_values(params, str(path))
     return params

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from kdas.config import DATASET_NAME
 from kdas.data.catalog import CATALOG, canonical_name
 from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, nonbinary_fraction, open_image, read_mask
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 PAIR_FOLDERS = [("images", "masks"), ("image", "mask"), ("Original", "Ground Truth")]
 COPY_AS_IS = {".jpg", ".jpeg", ".png"}  # already lossless-as-released; re-encoding would lose
 GENERIC_NAMES = {"png", "tif", "tiff", "data", "dataset", "datasets", "images", "testdataset"}
-NAME_RULE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # one folder under data/raw: no path, no '.', '..'
 # What an archive may expand to. The largest public releases (PraNet's train and test sets)
 # hold ~3,000 files and ~1 GB unpacked; one frame, even a 16-bit TIFF, is well under 256 MiB.
 MAX_ENTRIES = 100_000
@@ -107,7 +107,7 @@ def describe(root: Path) -> str:
 def check_name(name: str) -> str:
     """A dataset name is one plain folder under data/raw, and not one a pipeline stage writes."""
     generated = sorted(e.name for e in CATALOG.values() if e.generated)
-    if not NAME_RULE.fullmatch(name) or canonical_name(name) in generated:
+    if not DATASET_NAME.fullmatch(name) or canonical_name(name) in generated:
         raise ImportError_(
             f"invalid dataset name {name!r}: use 1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a "
             f"letter or digit (no path); {', '.join(generated)} is written by the pipeline and cannot be imported"
@@ -236,8 +236,8 @@ def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: 
     All or nothing: every problem of every dataset in SRC is listed in one error, and then
     nothing is written. `max_nonbinary`: params.yaml `validation.max_nonbinary_fraction`."""
     src, raw_root = Path(src), Path(raw_root)
-    if name is not None:
-        check_name(name)
+    if name is not None:  # an alias ('kvasir') is imported under its catalogue name, which its published split follows
+        name = canonical_name(check_name(name)) or name
     if not src.exists():
         raise ImportError_(f"{src}: no such file or folder")
     with tempfile.TemporaryDirectory(prefix="kdas-import-") as scratch:
