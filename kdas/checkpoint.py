@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
+from kdas.config import check_image_size
 from kdas.io import atomic_path
 from kdas.models import PolypPVT, create_model
 
@@ -36,6 +38,7 @@ class ModelFile:
 
 def save_model(path: str | Path, model: nn.Module, *, image_size: int, info: dict[str, Any] | None = None) -> Path:
     """Write a model file atomically. `info` holds plain values (metrics, epoch, run id...)."""
+    check_image_size(image_size, f"{path}: image_size")  # never a file that no reader can use
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     payload = {
         "format": FORMAT,
@@ -49,8 +52,26 @@ def save_model(path: str | Path, model: nn.Module, *, image_size: int, info: dic
     return Path(path)
 
 
-def build_from_config(config: dict[str, Any]) -> PolypPVT:
-    """A random-init model of the architecture a model file records."""
+def build_from_config(config: dict[str, Any], state: dict[str, Any], where: Path) -> PolypPVT:
+    """A random-init model of the architecture a model file records, once its shapes are
+    known to fit the file's own weights. The check builds it on the meta device (no memory),
+    so a file that declares a huge `channel` or backbone is refused before any allocation;
+    and only timm's own backbone names are taken (an ``hf-hub:`` name would contact the hub)."""
+    if not isinstance(config["backbone"], str) or not timm.is_model(config["backbone"]):
+        raise ValueError(f"{where}: backbone {config['backbone']!r} is not one of timm's model names")
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in _create(config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as exc:  # a declared value that does not build
+        raise ValueError(f"{where}: its architecture does not build ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    given = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if shapes != given:
+        differ = sorted(set(shapes) ^ set(given)) or sorted(k for k in shapes if shapes[k] != given[k])
+        raise ValueError(f"{where}: its weights do not fit its own architecture ({len(differ)} tensor(s) differ, e.g. {differ[0]})")
+    return _create(config)
+
+
+def _create(config: dict[str, Any]) -> PolypPVT:
     return create_model(config["arch"], backbone=config["backbone"], channel=config["channel"],
                         mean=tuple(config["mean"]), std=tuple(config["std"]))
 
@@ -71,10 +92,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
     config, state = payload.get("model"), payload.get("state_dict")
     if not isinstance(config, dict) or any(k not in config for k in _CONFIG_KEYS) or not isinstance(state, dict):
         raise ValueError(f"{path}: a damaged kdas model file (needs 'model' with {', '.join(_CONFIG_KEYS)} and 'state_dict')")
-    model = build_from_config(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: its weights do not fit its own architecture ({str(exc).splitlines()[0]})") from exc
+    check_image_size(payload.get("image_size"), f"{path}: image_size")
+    model = build_from_config(config, state, path)
+    model.load_state_dict(state)
     model.to(device).eval()
-    return ModelFile(model=model, image_size=int(payload["image_size"]), info=payload.get("info") or {})
+    return ModelFile(model=model, image_size=payload["image_size"], info=payload.get("info") or {})

@@ -210,8 +210,10 @@ def import_teacher(checkpoint: Path, out: Path, backbone: str, image_size: int) 
     The result is usable as `kdas train student --teacher OUT`.
     """
     from kdas.checkpoint import save_model
+    from kdas.config import check_image_size
     from kdas.models.official import load_official_checkpoint
 
+    check_image_size(image_size, "--image-size")  # before the seconds of conversion
     model = load_official_checkpoint(checkpoint, backbone=backbone)
     path = save_model(out, model, image_size=image_size, info={"role": "teacher", "source": f"official Polyp-PVT checkpoint {checkpoint.name}"})
     click.echo(f"{checkpoint} -> {path} (Polyp-PVT on {backbone}, {image_size} px); distil from it with "

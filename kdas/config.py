@@ -236,8 +236,6 @@ def _check_values(params: Params, where: str) -> None:
             raise ParamsError(f"{where}: {key} must be one of {', '.join(choices)}, not {get(key)!r}")
     if not params.train.multiscale or any(not 0.25 <= s <= 4 for s in params.train.multiscale):
         raise ParamsError(f"{where}: train.multiscale must be a non-empty list of scales in [0.25, 4], e.g. [0.75, 1.0, 1.25]")
-    from kdas.models import OUTPUT_STRIDE
-
     for name in params.data.datasets:
         if not DATASET_NAME.fullmatch(name):
             raise ParamsError(f"{where}: data.datasets: {name!r} is not a dataset name (a folder under data/raw: lower-case "
@@ -246,10 +244,27 @@ def _check_values(params: Params, where: str) -> None:
         if not MODEL_NAME.fullmatch(getattr(params.register, key)):
             raise ParamsError(f"{where}: register.{key} = {getattr(params.register, key)!r}: use letters, digits, '.', '_' "
                               "or '-' (at most 100)")
-    if params.train.image_size % OUTPUT_STRIDE:
-        lo = params.train.image_size // OUTPUT_STRIDE * OUTPUT_STRIDE
-        raise ParamsError(f"{where}: train.image_size = {params.train.image_size} must be a multiple of {OUTPUT_STRIDE} "
-                          f"(nearest: {max(lo, OUTPUT_STRIDE)} or {lo + OUTPUT_STRIDE})")
+    check_image_size(params.train.image_size, f"{where}: train.image_size")
+
+
+def check_size_range(size: Any, where: str) -> None:
+    """A network input size within train.image_size's range: also all a model file or an
+    ONNX export may declare (a file declaring 20000 px made a predict allocate gigabytes, 0
+    gave a cv2 traceback). Torch-free, for the onnxruntime path."""
+    lo, hi = _RANGES["train.image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not lo <= size <= hi:
+        raise ParamsError(f"{where} = {size!r} is out of range [{lo:g}, {hi:g}]")
+
+
+def check_image_size(size: Any, where: str) -> None:
+    """check_size_range, and a multiple of the models' output stride."""
+    from kdas.models import OUTPUT_STRIDE
+
+    check_size_range(size, where)
+    if size % OUTPUT_STRIDE:
+        below = size // OUTPUT_STRIDE * OUTPUT_STRIDE
+        raise ParamsError(f"{where} = {size} must be a multiple of {OUTPUT_STRIDE} "
+                          f"(nearest: {max(below, OUTPUT_STRIDE)} or {below + OUTPUT_STRIDE})")
 
 
 _SUBTYPES: dict[tuple[type, str], type] = {

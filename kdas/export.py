@@ -28,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from kdas.config import check_size_range
 from kdas.maps import prepare, resize
 
 OPSET = 18  # onnxruntime >= 1.16 runs it on CPU and CUDA
@@ -106,6 +107,7 @@ def _parse_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
         meta["image_size"] = int(meta["image_size"])
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{path}: a damaged kdas ONNX export (no integer '{META}image_size' metadata)") from None
+    check_size_range(meta["image_size"], f"{path}: {META}image_size")  # 60000 px made one predict allocate 10.8 GB
     return meta
 
 
