@@ -91,6 +91,7 @@ class TrainParams:
     workers: int
     nproc_per_node: int
     amp: bool
+    compile: bool
     augment: bool
     weighted_bce: bool
 

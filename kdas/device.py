@@ -1,4 +1,4 @@
-"""Where tensors run, and how (autocast dtype)."""
+"""Where tensors run, and how (autocast dtype, CUDA math settings)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def select_device(preference: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it, else fp16; None (full precision) off CUDA."""
+    """bf16 where the GPU has it, else fp16; None (full precision) off CUDA: a CPU without
+    native bf16 (this project's 2-core machines have no AVX512-BF16) only gets slower."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -30,3 +31,11 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     if not enabled or dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def tune_for_training(device: torch.device) -> None:
+    """CUDA: let cuDNN pick the fastest convolution for each input shape (fixed per scale
+    in training) and run what stays in fp32 (the losses, an fp32 run) on TF32 tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")

@@ -31,6 +31,7 @@ __all__ = [
     "read_ground_truth",
     "ImageScores",
     "image_scores",
+    "mean_dice",
     "structure_measure",
     "weighted_fmeasure",
     "Evaluator",
@@ -245,6 +246,13 @@ def weighted_fmeasure(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(2 * recall * precision / (recall + precision + _EPS))
 
 
+def _ratio(num: np.ndarray, den: np.ndarray, tp: np.ndarray) -> np.ndarray:
+    """num / den at each threshold; the protocol makes every ratio 0 where TP = 0 (den is 0
+    only for specificity on an all-foreground mask)."""
+    ok = (tp > 0) & (den > 0)
+    return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+
+
 def _curves(pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
     """Dice, IoU, sensitivity, specificity and E-measure at the 256 thresholds."""
     n = float(gt.size)
@@ -253,19 +261,22 @@ def _curves(pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
     n_pos = tp + fp
     fn = n_fg - tp
     tn = n - n_fg - fp
-    hit = tp > 0  # protocol: every ratio is 0 where TP = 0
-
-    def ratio(num, den):
-        ok = hit & (den > 0)  # den is 0 only for specificity on an all-foreground mask
-        return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
-
     return {
-        "dice": ratio(2 * tp, n_fg + n_pos),
-        "iou": ratio(tp, fn + n_pos),
-        "sen": ratio(tp, n_fg),
-        "spe": ratio(tn, tn + fp),
+        "dice": _ratio(2 * tp, n_fg + n_pos, tp),
+        "iou": _ratio(tp, fn + n_pos, tp),
+        "sen": _ratio(tp, n_fg, tp),
+        "spe": _ratio(tn, tn + fp, tp),
         "em": _enhanced_measure(tp, fp, n_fg, n),
     }
+
+
+def mean_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """One image's meanDic (the mean of its 256-threshold Dice curve) and nothing else:
+    what model selection needs every epoch, without the S-measure and weighted F-measure
+    that cost most of :func:`image_scores`. A dataset's meanDic is the mean of these."""
+    pred, gt = _check_pair(pred, gt, None)
+    tp, fp = _threshold_counts(pred, gt)
+    return float(_ratio(2 * tp, float(gt.sum()) + tp + fp, tp).mean())
 
 
 def image_scores(pred: np.ndarray, gt: np.ndarray, *, name: str | None = None) -> ImageScores:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import torch
 
 from conftest import make_dataset
 from kdas.config import SplitParams, SynthParams
-from kdas.data.dataset import PolypDataset
+from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.data.manifest import build_manifest
 from kdas.data.synth import synth_frame, write_synth
+from kdas.data.transforms import seed_augment
 from kdas.io import read_mask, read_rgb
+from kdas.training.engine import to_device
 
 
 def test_synth_is_deterministic_with_exact_masks(tmp_path):
@@ -33,17 +36,43 @@ def test_synth_polyps_are_not_a_colour_threshold():
     assert mask.any() and np.abs(inside - outside).max() < 60
 
 
-def test_dataset_yields_unit_range_images_and_binary_masks(tmp_path):
+def test_dataset_yields_byte_images_and_binary_masks(tmp_path):
     make_dataset(tmp_path / "raw" / "ds", n=4, img_ext=".jpg", mask_ext=".jpg")
     rows = build_manifest(tmp_path / "raw", ["ds"], SplitParams(0, 0, 0), near_duplicate_distance=4, workers=1)
     plain = PolypDataset(rows, size=64, augment=False)
     image, mask = plain[0]
-    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and mask.shape == (1, 64, 64)
-    assert set(mask.unique().tolist()) == {0.0, 1.0}
-    assert 0 <= float(image.min()) < float(image.max()) <= 1  # RGB in [0, 1]: each model normalises itself
+    # bytes cross the loader's process boundary; the training loop scales them on its device
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and mask.shape == (1, 64, 64) and mask.dtype == torch.uint8
+    assert set(mask.unique().tolist()) == {0, 1}
+    x, y = to_device(image[None], mask[None], torch.device("cpu"))
+    assert 0 <= float(x.min()) < float(x.max()) <= 1 and x.is_contiguous(memory_format=torch.channels_last)  # each model normalises itself
+    assert y.dtype == torch.float32 and torch.equal(y[0], mask.float())
+
     augmented = PolypDataset(rows, size=64, augment=True)
-    torch.manual_seed(0)
-    np.random.seed(0)
-    views = [augmented[0][1] for _ in range(8)]
+    views = [augmented[(0, seed)][1] for seed in range(8)]
     assert any(not torch.equal(v, mask) for v in views)  # flips / rotations really happen
-    assert all(set(v.unique().tolist()) <= {0.0, 1.0} for v in views)
+    assert all(set(v.unique().tolist()) <= {0, 1} for v in views)
+    assert all(torch.equal(augmented[(0, 3)][0], augmented[(0, 3)][0]) for _ in range(2))  # a sample's seed fixes its augmentation
+
+
+def test_each_transform_draws_from_its_own_stream():
+    """albumentations' set_random_seed gives every transform the same seed: both flips then
+    always fire together. seed_augment must not."""
+    image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    flips = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    seen = set()
+    for seed in range(32):
+        seed_augment(flips, seed)
+        out = flips(image=image)["image"]
+        seen.add((bool(np.array_equal(out, image[:, ::-1]) or np.array_equal(out, image[::-1, ::-1])),
+                  bool(np.array_equal(out, image[::-1]) or np.array_equal(out, image[::-1, ::-1]))))
+    assert seen == {(False, False), (True, False), (False, True), (True, True)}
+
+
+def test_seeded_sampler_seeds_depend_on_seed_epoch_and_index_alone():
+    sampler = SeededSampler(range(4), seed=0)
+    first = list(sampler)
+    assert [i for i, _ in first] == [0, 1, 2, 3] and len({s for _, s in first}) == 4
+    assert list(SeededSampler(range(4), seed=0)) == first
+    sampler.set_epoch(1)
+    assert [s for _, s in sampler] != [s for _, s in first]

@@ -13,8 +13,10 @@ from kdas.config import load_params
 from kdas.data.transforms import to_tensor
 from kdas.maps import resize
 from kdas.io import binarise, read_mask, read_rgb
-from kdas.losses import ATTENTIONS, attention_supervision, distillation_loss, refined_map, structure_loss, symmetric_guiding
+from kdas.losses import (ATTENTIONS, attention_supervision, box_mean, boundary_weight, distillation_loss, refined_map, structure_loss,
+                         symmetric_guiding)
 from kdas.models import create_model
+from kdas.training.task import SegmentationTask
 
 SIZE = 64
 TAU = 2.0
@@ -74,6 +76,19 @@ def test_structure_loss_applies_the_boundary_weights(maps):
     assert abs(loss.item() - (unweighted + wiou).item()) > 1e-3
     # train.weighted_bce: false reproduces the official (unweighted) BCE
     assert structure_loss(student, mask, weighted_bce=False).item() == pytest.approx((unweighted + wiou).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 64, 64), (3, 1, 40, 72), (1, 1, 16, 20)])
+def test_box_mean_is_avg_pool_with_the_padding_counted(shape):
+    """The summed-area table equals avg_pool2d(31, stride 1, pad 15, count_include_pad=True),
+    on binary masks and on the soft masks that multi-scale resizing makes, windows larger
+    than the map included."""
+    torch.manual_seed(0)
+    for x in ((torch.rand(shape) > 0.5).float(), torch.rand(shape)):
+        expected = F.avg_pool2d(x, kernel_size=31, stride=1, padding=15, count_include_pad=True)
+        assert torch.allclose(box_mean(x, 15), expected, rtol=0, atol=1e-5)
+    mask = _disc_mask()
+    assert torch.allclose(boundary_weight(mask), 1 + 5 * (F.avg_pool2d(mask, 31, 1, 15) - mask).abs(), atol=1e-5)
 
 
 def test_structure_loss_near_zero_for_a_perfect_confident_prediction():
@@ -225,6 +240,20 @@ def test_half_precision_inputs_are_computed_in_float32(maps):
         "kdas", (student.bfloat16(),) * 2, (teacher.bfloat16(),) * 2, mask, alpha=0.3, tau=TAU, pool_stride=STRIDE, **OPTS
     )
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+
+
+def test_bf16_autocast_and_fp32_losses_agree_on_a_fixed_batch():
+    """The engine's bf16 path (forward under autocast, losses in fp32 outside it) gives the
+    fp32 losses within 1e-2 relative. CPU autocast runs bf16 on any x86 CPU."""
+    torch.manual_seed(0)
+    student, teacher = create_model("polyp_pvt_tiny"), create_model("polyp_pvt_tiny")
+    images, masks = torch.rand(2, 3, 64, 64), _disc_mask()
+    distill = load_params(ROOT / "params.yaml").distill
+    fp32 = SegmentationTask(distill, True, teacher)(student, images, masks)
+    bf16 = SegmentationTask(distill, True, teacher, precision=lambda: torch.autocast("cpu", dtype=torch.bfloat16))(student, images, masks)
+    for k in ("loss", "structure", "attention", "sgm"):
+        assert bf16[k].dtype == torch.float32
+        assert bf16[k].item() == pytest.approx(fp32[k].item(), rel=1e-2), k
 
 
 # ---- combination ----------------------------------------------------------------------------

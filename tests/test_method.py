@@ -27,7 +27,7 @@ from kdas.training import TrainJob, train
 WEIGHTS = SHARED / "weights"
 LITE = WEIGHTS.exists()
 TRAIN = TrainParams(image_size=64, batch_size=4, epochs=1, lr=1e-3, weight_decay=1e-4, grad_clip=0.5, multiscale=[1.0], lr_decay=0.1,
-                    decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True, augment=True, weighted_bce=True)
+                    decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True, compile=False, augment=True, weighted_bce=True)
 KDAS = DistillParams(method="kdas", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8, seed=0)
 
 

@@ -20,10 +20,10 @@ from kdas.data.synth import write_synth
 from kdas.losses import distillation_loss
 from kdas.models import create_model
 from kdas.training import TrainJob, train
-from kdas.training.engine import scaled_size
+from kdas.training.engine import scaled_size, to_device
 
 TINY = TrainParams(image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=1e-4, grad_clip=0.5,
-                   multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True,
+                   multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True, compile=False,
                    augment=True, weighted_bce=True)
 NONE = DistillParams(method="none", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8, seed=0)
 TINY_MODEL = RoleModel(arch="polyp_pvt_tiny", backbone=None, weights="none", drop_path_rate=0.0)
@@ -50,8 +50,7 @@ def test_a_student_overfits_four_synthetic_images(manifest):
     torch.manual_seed(0)
     rows = manifest[manifest["foreground_fraction"] > 0.02].head(4)
     data = PolypDataset(rows, size=64, augment=False, workers=1)
-    images = torch.stack([data[i][0] for i in range(4)])
-    masks = torch.stack([data[i][1] for i in range(4)])
+    images, masks = to_device(torch.stack([data[i][0] for i in range(4)]), torch.stack([data[i][1] for i in range(4)]), torch.device("cpu"))
     model = create_model("polyp_pvt_b0")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(120):

@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from kdas.data.transforms import to_tensor, train_augment
+from kdas.data.transforms import seed_augment, train_augment
 from kdas.maps import resize
 from kdas.io import binarise, read_mask, read_rgb
 
@@ -22,9 +22,14 @@ def _load(image_path: str, mask_path: str, size: int) -> tuple[np.ndarray, np.nd
 
 
 class PolypDataset(Dataset):
-    """(3xSxS normalised image, 1xSxS {0,1} mask) pairs. Decoding a 1920 px JPEG costs far
-    more than augmenting a 352 px array, so every pair is decoded and resized once, up front
-    (in threads), and DataLoader workers share the cache through fork."""
+    """(3xSxS uint8 RGB image, 1xSxS uint8 {0,1} mask) pairs: bytes, not floats, cross the
+    loader's process boundary (4x less to copy); the training loop scales them to [0, 1] on
+    its device. Decoding a 1920 px JPEG costs far more than augmenting a 352 px array, so
+    every pair is decoded and resized once, up front (in threads), and DataLoader workers
+    share the cache through fork.
+
+    Index with ``i``, or with ``(i, seed)`` (what :class:`SeededSampler` yields) to draw the
+    sample's augmentation from a stream of its own."""
 
     def __init__(self, rows: pd.DataFrame, size: int, augment: bool, workers: int = 4):
         self.size = size
@@ -37,9 +42,34 @@ class PolypDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
         image, mask = self.cache[i]
         if self.augment is not None:
+            if seed is not None:
+                seed_augment(self.augment, seed)
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(np.ascontiguousarray(mask))[None]
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler to yield ``(index, seed)``: each sample's augmentation comes from a
+    seed derived from (``seed``, epoch, index), so an epoch's augmentations depend on those
+    alone — not on the number of loader workers, on which persistent worker draws the
+    sample, or on a resume in the middle of a run."""
+
+    def __init__(self, sampler: Sampler, seed: int):
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):  # DistributedSampler
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for i in self.sampler:
+            yield i, int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])

@@ -1,6 +1,6 @@
 """albumentations pipelines. Images reach them already resized to the training size
-(the Dataset caches them so), so augmentation works on small arrays. Tensors leave here
-as RGB in [0, 1]: each model normalises its input itself (see kdas.models.PolypPVT)."""
+(the Dataset caches them so), so augmentation works on small arrays. Models take RGB in
+[0, 1] and normalise it themselves (see kdas.models.PolypPVT)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ def train_augment() -> A.Compose:
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.5),
         ]
     )
+
+
+def seed_augment(augment: A.Compose, seed: int) -> None:
+    """Seed a pipeline so that its transforms draw from independent streams.
+
+    albumentations' own ``set_random_seed`` hands every transform the same seed, so their
+    draws move in lockstep: measured on 2.0.8, HorizontalFlip and VerticalFlip then fire
+    together every time (a 180-degree rotation, never a single flip)."""
+    augment.set_random_seed(seed)
+    for k, transform in enumerate(augment.transforms):
+        transform.set_random_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -29,18 +29,19 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from kdas.checkpoint import load_model, save_model
 from kdas.config import DistillParams, RoleModel, TrainParams
-from kdas.data.dataset import PolypDataset
-from kdas.device import autocast, autocast_dtype, select_device
+from kdas.data.dataset import PolypDataset, SeededSampler
+from kdas.device import autocast, autocast_dtype, select_device, tune_for_training
 from kdas.io import atomic_path, write_text
-from kdas.metrics import Evaluator
+from kdas.metrics import Evaluator, mean_dice
 from kdas.models import OUTPUT_STRIDE, create_model
 from kdas.training.curves import plot_history
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
-from kdas.training.progress import Progress
+from kdas.training.progress import Progress, clock
 from kdas.training.task import SegmentationTask
 
 log = logging.getLogger(__name__)
@@ -110,17 +111,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _worker_init(worker_id: int) -> None:
-    """Each loader worker draws augmentations from its own seeded stream (torch gives every
-    worker base_seed + id, and base_seed comes from the loader's seeded generator)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    if info is not None and info.dataset.augment is not None:
-        info.dataset.augment.set_random_seed(seed)
-
-
 def _rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     rows = manifest[(manifest["split"] == split) & (manifest["error"].fillna("") == "")]
     if rows.empty:
@@ -137,22 +127,43 @@ def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-@torch.no_grad()
-def validate(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, desc: str = "val") -> float:
-    """meanDic of the standard protocol on the val split, at the training size."""
+def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 batches from the loader to float on `device`: images in [0, 1] and channels_last
+    (what the convolutions run fastest on, CPU and GPU), masks {0, 1}."""
+    images = images.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+    return images, masks.to(device, non_blocking=True).float()
+
+
+def _val_maps(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool, desc: str):
+    """(id, probability map, boolean mask) of each val image, at the training size."""
     model.eval()
-    evaluator = Evaluator()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     progress = Progress(loader, desc)
-    for start, (images, masks) in zip(range(0, len(data), batch_size), progress):
-        with autocast(device):
-            p1, p2 = model(images.to(device))
-        probs = torch.sigmoid((p1 + p2).float()).cpu().numpy()[:, 0]
-        for k, (prob, mask) in enumerate(zip(probs, masks.numpy()[:, 0] > 0.5)):
-            evaluator.add(data.ids[start + k], prob.astype(np.float64), mask)
-        progress.step(len(probs))
+    start = 0
+    with torch.inference_mode():
+        for images, masks in progress:
+            images, masks = to_device(images, masks, device)
+            with autocast(device, amp):
+                p1, p2 = model(images)
+            probs = torch.sigmoid((p1 + p2).float()).cpu().double().numpy()[:, 0]
+            for k, (prob, mask) in enumerate(zip(probs, masks.cpu().numpy()[:, 0] > 0.5)):
+                yield data.ids[start + k], prob, mask
+            start += len(probs)
+            progress.step(len(probs))
     progress.close()
-    return evaluator.summary()["meanDic"]
+
+
+def validate(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool, desc: str = "val") -> float:
+    """val meanDic of the standard protocol, the one figure model selection needs each epoch."""
+    return float(np.mean([mean_dice(prob, mask) for _, prob, mask in _val_maps(model, data, device, batch_size, amp, desc)]))
+
+
+def validation_report(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool) -> dict[str, float]:
+    """Every figure of the protocol on val, once, for the selected model."""
+    evaluator = Evaluator()
+    for name, prob, mask in _val_maps(model, data, device, batch_size, amp, "val (full protocol)"):
+        evaluator.add(name, prob, mask)
+    return evaluator.summary()
 
 
 class Trainer:
@@ -165,33 +176,39 @@ class Trainer:
             self.device = torch.device("cuda", self.world.local_rank)
             torch.cuda.set_device(self.device)
         seed_everything(p.seed)
+        tune_for_training(self.device)
         self.out_dir = Path(job.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         # models first: missing weights or a bad teacher file stop the run before any decoding
         spec = job.model
-        self.model = create_model(spec.arch, backbone=spec.backbone, pretrained=spec.weights, drop_path_rate=spec.drop_path_rate).to(self.device)
-        teacher = load_model(job.teacher, self.device).model if job.method != "none" and job.teacher is not None else None
-        self.task = SegmentationTask(job.distill, p.weighted_bce, teacher)
+        self.model = create_model(spec.arch, backbone=spec.backbone, pretrained=spec.weights, drop_path_rate=spec.drop_path_rate)
+        self.model.to(self.device, memory_format=torch.channels_last)
+        teacher = load_model(job.teacher, self.device).model.to(memory_format=torch.channels_last) if job.method != "none" and job.teacher is not None else None
+        self.task = SegmentationTask(job.distill, p.weighted_bce, teacher, precision=lambda: autocast(self.device, p.amp), compile=p.compile)
 
         self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=p.augment, workers=max(1, p.workers))
         self.val_data = PolypDataset(_rows(job.manifest, "val"), p.image_size, augment=False, workers=max(1, p.workers))
         self.generator = torch.Generator().manual_seed(p.seed)
-        self.sampler = (
+        self.sampler = SeededSampler(
             DistributedSampler(self.train_data, num_replicas=self.world.size, rank=self.world.rank, seed=p.seed, drop_last=True)
             if self.world.distributed
-            else RandomSampler(self.train_data, generator=self.generator)
+            else RandomSampler(self.train_data, generator=self.generator),
+            p.seed,
         )
+        # persistent workers: forked once, not every epoch (each fork costs seconds with the cache)
         self.loader = DataLoader(
             self.train_data, batch_size=p.batch_size, sampler=self.sampler, num_workers=p.workers,
             pin_memory=self.device.type == "cuda", drop_last=len(self.train_data) >= p.batch_size * self.world.size,
-            worker_init_fn=_worker_init, generator=self.generator, persistent_workers=False,
+            persistent_workers=p.workers > 0,
         )
 
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world.distributed else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        if p.compile:
+            self.net = torch.compile(self.net)
+        # one multi-tensor kernel per step instead of a Python loop over ~300 parameters
+        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, **fast)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.decay_epochs, gamma=p.lr_decay)
         # fp16 needs loss scaling; bf16 and full precision do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.amp and autocast_dtype(self.device) == torch.float16)
@@ -236,55 +253,57 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the train split. Nothing waits for the device inside it: the loss
+        sums stay on the device and are read when progress is shown and at the end. The
+        phases are named for torch.profiler (benchmarks/bench_training.py)."""
         p = self.job.train
         self.net.train()
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
-        if self.train_data.augment is not None:  # used when the loader has no workers
-            self.train_data.augment.set_random_seed(p.seed * 1000 + epoch)
-        sums: dict[str, float] = {}
-        n_images, data_time, compute_time = 0, 0.0, 0.0
+        self.sampler.set_epoch(epoch)
+        sizes = [scaled_size(p.image_size, scale) for scale in p.multiscale]
+        sums: dict[str, torch.Tensor] = {}
+        n_images, data_time = 0, 0.0
         total = len(self.loader) if self.job.max_steps is None else min(len(self.loader), self.job.max_steps)
         bar = Progress(self.loader, f"{self.job.role} epoch {epoch + 1}/{p.epochs}", total=total, enabled=self.world.is_main)
-        tick = time.perf_counter()
-        for step, (images, masks) in enumerate(bar):
-            if self.job.max_steps is not None and step >= self.job.max_steps:
-                break
-            images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
-            started = time.perf_counter()
-            data_time += started - tick
-            for scale in p.multiscale:
-                size = scaled_size(p.image_size, scale)
+
+        def running() -> dict[str, float]:
+            return {k: float(v) / max(1, n_images * len(sizes)) for k, v in sums.items()}
+
+        started = time.perf_counter()
+        batches = iter(bar)
+        for _ in range(total):
+            tick = time.perf_counter()
+            with record_function("data"):
+                images, masks = next(batches)
+            data_time += time.perf_counter() - tick
+            with record_function("copy"):
+                images, masks = to_device(images, masks, self.device)
+            for size in sizes:
                 x, y = images, masks
                 if size != p.image_size:
                     x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
                     y = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=True)
-                if self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(self.device, p.amp):
-                    losses = self.task(self.net, x, y)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(losses["loss"]).backward()
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_value_(self.model.parameters(), p.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                losses = self.task(self.net, x, y)
+                with record_function("backward"):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(losses["loss"]).backward()
+                with record_function("step"):
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_value_(self.model.parameters(), p.grad_clip, foreach=True)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(images)
+                    sums[k] = sums.get(k, 0.0) + v.detach() * len(images)
             n_images += len(images)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            tick = time.perf_counter()
-            compute_time += tick - started
-            bar.step(len(images) * self.world.size, **{k: v / n_images / len(p.multiscale) for k, v in sums.items()})
+            bar.step(len(images) * self.world.size, running)
         bar.close()
-        per = max(1, n_images * len(p.multiscale))
-        total = data_time + compute_time
+        seconds = time.perf_counter() - started
+        images = n_images * self.world.size
         return {
-            **{f"train_{k}": v / per for k, v in sums.items()},
+            **{f"train_{k}": v for k, v in running().items()},
             "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_s": n_images * self.world.size / total if total else 0.0,
-            "data_wait_share": data_time / total if total else 0.0,
+            "images_per_s": images / seconds if seconds else 0.0,
+            "passes_per_s": images * len(sizes) / seconds if seconds else 0.0,  # an image at 3 scales is 3 passes
+            "data_wait_share": data_time / seconds if seconds else 0.0,
         }
 
     def run(self) -> TrainResult:
@@ -297,7 +316,7 @@ class Trainer:
             metrics = self.train_epoch(epoch)
             self.scheduler.step()
             if self.world.is_main:
-                metrics["val_meanDic"] = validate(self.model, self.val_data, self.device, p.batch_size,
+                metrics["val_meanDic"] = validate(self.model, self.val_data, self.device, p.batch_size, p.amp,
                                                   f"{self.job.role} val {epoch + 1}/{p.epochs}")
                 metrics["epoch_seconds"] = time.perf_counter() - started
             metrics = broadcast(self.world, metrics)
@@ -312,8 +331,10 @@ class Trainer:
                     save_model(self.out_dir / BEST, self.model, image_size=p.image_size,
                                info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.method, **self.job.info})
                 self.save_last(epoch)
-                log.info("%s epoch %d/%d: loss %.4f, val meanDic %.4f%s", self.job.role, epoch + 1, p.epochs,
-                         metrics["train_loss"], metrics["val_meanDic"], " (best)" if improved else "")
+                left = (p.epochs - epoch - 1) * metrics["epoch_seconds"]
+                log.info("%s epoch %d/%d: loss %.4f, val meanDic %.4f%s, %.1f images/s, %.0f s%s", self.job.role, epoch + 1, p.epochs,
+                         metrics["train_loss"], metrics["val_meanDic"], " (best)" if improved else "", metrics["images_per_s"],
+                         metrics["epoch_seconds"], f", at most {clock(left)} to go" if left else "")
                 if self.job.on_epoch is not None:
                     self.job.on_epoch(metrics, epoch + 1)
             barrier(self.world)
@@ -334,6 +355,9 @@ class Trainer:
             plot_history(self.history, self.out_dir / "history.png")
         summary = {"best_epoch": self.best_epoch + 1, "best_val_meanDic": self.best, "epochs_run": len(self.history),
                    "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in self.history)}
+        if (self.out_dir / BEST).exists():  # the selected model on val, every figure of the protocol (per epoch only meanDic)
+            best = load_model(self.out_dir / BEST, self.device).model
+            summary["val"] = validation_report(best, self.val_data, self.device, self.job.train.batch_size, self.job.train.amp)
         write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
 
 

@@ -7,23 +7,26 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 EVERY_S = 30.0  # seconds between two progress lines when the output is not a terminal
+REFRESH_S = 1.0  # seconds between two updates of the figures on a terminal bar
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class Progress:
-    """Wraps a loader: `for batch in progress: ...; progress.step(n_images, loss=...)`.
-    `enabled=False` (other ranks of a distributed run) shows nothing."""
+    """Wraps a loader: `for batch in progress: ...; progress.step(n_images, lambda: {"loss": ...})`.
+    The figures are a callable, called only when they are shown: reading a loss off a GPU
+    waits for it, so a training step must not do it every batch. `enabled=False` (other
+    ranks of a distributed run) shows nothing."""
 
     def __init__(self, iterable: Iterable, desc: str, *, total: int | None = None, enabled: bool = True, every: float | None = None):
         self.desc, self.enabled = desc, enabled
@@ -39,22 +42,24 @@ class Progress:
     def __iter__(self) -> Iterator:
         return iter(self.bar)
 
-    def step(self, images: int, **figures: float) -> None:
-        """One batch done: `images` in it; `figures` (e.g. loss) are shown as they are."""
+    def step(self, images: int, figures: Callable[[], dict[str, float]] | None = None) -> None:
+        """One batch done: `images` in it; `figures()` (e.g. the running loss) when shown."""
         self.steps += 1
         self.images += images
-        if self.terminal:
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in figures.items()})
-            return
         now = time.monotonic()
+        if self.terminal:
+            if figures is not None and now - self.last >= REFRESH_S:
+                self.last = now
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in figures().items()})
+            return
         if not self.enabled or now - self.last < self.every:
             return
         self.last = now
         elapsed = now - self.started
         parts = [f"batch {self.steps}/{self.total}" if self.total else f"batch {self.steps}", f"{self.images / elapsed:.1f} images/s"]
-        parts += [f"{k} {v:.4f}" for k, v in figures.items()]
+        parts += [f"{k} {v:.4f}" for k, v in (figures() if figures else {}).items()]
         if self.total:
-            parts.append(f"ETA {_clock(elapsed / self.steps * (self.total - self.steps))}")
+            parts.append(f"ETA {clock(elapsed / self.steps * (self.total - self.steps))}")
         log.info("%s: %s", self.desc, ", ".join(parts))
 
     def close(self) -> None:

@@ -4,34 +4,50 @@ the engine stays ignorant of the method."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from kdas.config import DistillParams
 from kdas.losses import distillation_loss
 
 
 class SegmentationTask:
-    """Ground-truth training (`distill.method` none) or distillation from `teacher`."""
+    """Ground-truth training (`distill.method` none) or distillation from `teacher`.
 
-    def __init__(self, distill: DistillParams | None, weighted_bce: bool, teacher: nn.Module | None = None):
+    The forward passes run under `precision` (the engine's autocast); the losses run
+    outside it, in fp32: their boundary weights, sums over 100k pixels and the teacher's
+    P P^T matmuls lose too much in bf16. `compile` hands the loss to torch.compile."""
+
+    def __init__(self, distill: DistillParams | None, weighted_bce: bool, teacher: nn.Module | None = None,
+                 precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, compile: bool = False):
         """`distill` None: the ground truth alone (as method "none")."""
         if distill is not None and distill.method != "none" and teacher is None:
             raise ValueError(f"distill.method '{distill.method}' needs a teacher: pass --teacher MODEL_FILE_OR_URI")
         self.distill = distill if distill is not None and distill.method != "none" else None
         self.weighted_bce = weighted_bce
+        self.precision = precision
         # the teacher is frozen: eval mode (BN statistics, no dropout), no gradients
         self.teacher = teacher.requires_grad_(False).eval() if self.distill is not None else None
+        self.loss = torch.compile(distillation_loss) if compile else distillation_loss
+
+    def _teacher_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        with record_function("teacher"), torch.inference_mode():
+            maps = self.teacher(images)
+        return tuple(m.clone() for m in maps)  # inference tensors cannot be saved for backward
 
     def __call__(self, net: nn.Module, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
-        student = net(images)
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher = self.teacher(images)
+        with self.precision():
+            with record_function("forward"):
+                student = net(images)
+            teacher = self._teacher_maps(images) if self.teacher is not None else None
         d = self.distill
-        if d is None:
-            return distillation_loss("none", student, None, masks, alpha=0.0, tau=1.0, pool_stride=1, attention="spatial",
-                                     weighted_bce=self.weighted_bce)  # method none: only the structure loss, the rest unused
-        return distillation_loss(d.method, student, teacher, masks, alpha=d.alpha, tau=d.tau, pool_stride=d.pool_stride,
-                                 attention=d.attention, weighted_bce=self.weighted_bce)
+        with record_function("loss"):
+            if d is None:
+                return self.loss("none", student, None, masks, alpha=0.0, tau=1.0, pool_stride=1, attention="spatial",
+                                 weighted_bce=self.weighted_bce)  # method none: only the structure loss, the rest unused
+            return self.loss(d.method, student, teacher, masks, alpha=d.alpha, tau=d.tau, pool_stride=d.pool_stride,
+                             attention=d.attention, weighted_bce=self.weighted_bce)
