@@ -43,7 +43,7 @@ class FolderBusyError(RuntimeError):
     """Another process holds the lock of an output folder."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,7 +60,7 @@ def _temporary(path: Path) -> Path:
     (mkstemp/mkdtemp would make it 0600/0700, and the rename would keep that)."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         pid = stale.name.removeprefix(f".{path.name}.").split(".")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:

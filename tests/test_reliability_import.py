@@ -3,6 +3,7 @@ entries, decompression bombs, duplicates; a release is judged whole, in one pass
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MAX_NONBINARY, make_dataset, tool_environ, write_pair
+from conftest import MAX_NONBINARY, free_port, make_dataset, tool_environ, write_pair
 from kdas.data.importer import ImportError_, import_dataset, safe_extract
 from kdas.data.manifest import describe_pair
 
@@ -230,3 +231,57 @@ def test_a_mask_of_another_size_is_named_by_the_import_itself(tmp_path):
     with pytest.raises(ImportError_, match=r"1 problem\(s\), nothing imported:\n  .*masks/img01.png: mask is 64x48 px, its image img01.png is 96x80 px"):
         import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
     assert left_in(tmp_path / "raw") == []
+
+
+# --------------------------------------------------------------------------- round two: archives, scratch, special files, addresses
+
+
+def test_an_archive_expanding_far_past_its_size_is_refused_from_its_headers(tmp_path):
+    archive = tmp_path / "small.zip"  # the probe's case scaled down: small on disk, each entry within its limit
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(3):
+            zf.writestr(f"ds/images/{i}.png", bytes(1 << 20))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ImportError_, match=r"small.zip: expands to 3145728 bytes, at most 1048576 allowed \(the least of 100 times its size"):
+        safe_extract(archive, dest, max_entry_bytes=1 << 20)
+    assert not any(dest.iterdir())
+    safe_extract(zip_folder(make_dataset(tmp_path / "src" / "ds", n=2), tmp_path / "ds.zip"), dest, max_entry_bytes=1 << 20)
+
+
+def test_a_killed_imports_scratch_is_removed_by_the_next_import(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this test's own system temporary folder
+    (tmp_path / "tmp").mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "tmp" / f"kdas-import-{dead}-abc" / "ds" / "images").mkdir(parents=True)  # what a killed import leaves
+    (tmp_path / "tmp" / f"kdas-import-{os.getppid()}-def").mkdir()  # a running import's
+    import_dataset(zip_folder(make_dataset(tmp_path / "src" / "ds", n=2), tmp_path / "ds.zip"), tmp_path / "raw", track=False,
+                   max_nonbinary=MAX_NONBINARY)
+    assert left_in(tmp_path / "tmp") == [f"kdas-import-{os.getppid()}-def"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "broken link"])
+def test_a_special_file_in_data_raw_is_one_line_not_a_hang(tmp_path, kind):
+    from kdas.config import SplitParams
+    from kdas.data.manifest import build_manifest
+
+    raw = make_dataset(tmp_path / "raw" / "ds", n=2).parent
+    special = raw / "ds" / "images" / "img02.png"
+    {"fifo": lambda: os.mkfifo(special), "dev-zero": lambda: special.symlink_to("/dev/zero"),
+     "broken link": lambda: special.symlink_to(tmp_path / "gone.png")}[kind]()
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"images/img02.png: not a regular file \(a device, FIFO, folder or broken link\)"):
+        build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
+    assert time.monotonic() - start < 5
+
+
+def test_a_fetch_address_ending_in_dotdot_is_one_line(tmp_path, monkeypatch):
+    from kdas.data.fetch import FetchError, fetch
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    port = free_port()  # nobody listens: the download fails at once, named
+    with pytest.raises(FetchError, match=rf"http://127.0.0.1:{port}/x/..: download failed"):
+        fetch("kvasir-seg", tmp_path / "downloads", url=f"http://127.0.0.1:{port}/x/..", timeout=5)
+    assert left_in(tmp_path) == ["downloads"] and left_in(tmp_path / "downloads") == []

@@ -87,7 +87,8 @@ def fetch(name: str, downloads: str | Path = "data/downloads", *, url: str | Non
         raise FetchError(f"{name}: no public download address is catalogued; download it yourself and run `kdas data import PATH --name {name}`")
     downloads = Path(downloads)
     downloads.mkdir(parents=True, exist_ok=True)
-    target = downloads / (Path(urlparse(url).path).name or f"{name}.zip")
+    file_name = Path(urlparse(url).path).name
+    target = downloads / (file_name if file_name not in ("", "..") else f"{name}.zip")  # '..' would be downloads' parent
     if target.exists():
         if (problem := _check(target, entry, None)) is None:
             log.info("%s already downloaded", target)

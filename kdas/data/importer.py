@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import stat
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from kdas.config import DATASET_NAME
 from kdas.data.catalog import CATALOG, canonical_name
-from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, nonbinary_fraction, open_image, read_mask
+from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, nonbinary_fraction, open_image, pid_alive, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,11 @@ GENERIC_NAMES = {"png", "tif", "tiff", "data", "dataset", "datasets", "images", 
 MAX_ENTRIES = 100_000
 MAX_ENTRY_BYTES = 256 << 20
 MAX_TOTAL_BYTES = 16 << 30
+# Images and masks barely compress (JPEG, PNG; TIFF a few times): an archive that expands
+# past MAX_RATIO times its size (and past one entry's limit) is a bomb, even within the totals
+MAX_RATIO = 100
 CHUNK = 1 << 20
+SCRATCH = "kdas-import-"  # + pid: where a zip is extracted (the system's temporary folder)
 
 
 class ImportError_(ValueError):
@@ -137,8 +142,10 @@ def safe_extract(archive: Path, dest: Path, *, max_entries: int = MAX_ENTRIES, m
                     raise ImportError_(f"{archive}: entry '{info.filename}' expands to {info.file_size} bytes, "
                                        f"at most {max_entry_bytes} allowed; refusing to extract")
             declared = sum(info.file_size for info in infos)
+            max_total_bytes = min(max_total_bytes, max(max_entry_bytes, MAX_RATIO * archive.stat().st_size))
             if declared > max_total_bytes:
-                raise ImportError_(f"{archive}: expands to {declared} bytes, at most {max_total_bytes} allowed; refusing to extract")
+                raise ImportError_(f"{archive}: expands to {declared} bytes, at most {max_total_bytes} allowed (the least of "
+                                   f"{MAX_RATIO} times its size or one entry's limit, and the total limit); refusing to extract")
             total = 0
             for entry in infos:
                 target = dest / entry.filename
@@ -220,6 +227,16 @@ def _convert_all(found: FoundDataset, out: Path, *, max_nonbinary: float, worker
     return problems
 
 
+def _scratch() -> tempfile.TemporaryDirectory:
+    """A temporary folder named after this process, for a zip's contents; those of killed
+    imports (their process gone) are removed first, or they would stay forever."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{SCRATCH}*"):
+        pid = stale.name.removeprefix(SCRATCH).split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH}{os.getpid()}-")
+
+
 def dvc_track(path: Path) -> None:
     """`dvc add` the folder when the project is a DVC repository (and it is no stage output)."""
     repo_root = Path.cwd()
@@ -240,7 +257,7 @@ def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: 
         name = canonical_name(check_name(name)) or name
     if not src.exists():
         raise ImportError_(f"{src}: no such file or folder")
-    with tempfile.TemporaryDirectory(prefix="kdas-import-") as scratch:
+    with _scratch() as scratch:
         root = src
         if src.is_file():
             if not zipfile.is_zipfile(src):

@@ -30,7 +30,10 @@ FILE_KEY = ["image_path", "image_sha256", "mask_path", "mask_sha256"]
 
 
 def sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+    if not path:
+        return ""
+    with open(path, "rb") as fh:  # in blocks: a file is not held in memory whole
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def phash(grey: np.ndarray) -> int:
@@ -87,7 +90,11 @@ def list_pairs(raw_root: Path, dataset: str) -> list[tuple[str, str, str]]:
         d = folder / sub
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: missing; a dataset folder holds images/ and masks/")
-        return {p.stem: str(p) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        found = {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        for p in found.values():  # a link to /dev/zero would be read forever, a FIFO block the reader
+            if not p.is_file():
+                raise ValueError(f"{p}: not a regular file (a device, FIFO, folder or broken link); a dataset holds image files only")
+        return {stem: str(p) for stem, p in found.items()}
 
     images, masks = files("images"), files("masks")
     return [(k, images.get(k, ""), masks.get(k, "")) for k in sorted(set(images) | set(masks))]
