@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -23,18 +24,32 @@ REPORTS = Path("reports")
 
 
 class KdasGroup(click.Group):
-    """Turns expected failures (bad data, bad params, missing files) into one clear line and exit 1."""
+    """Turns expected failures (bad data, bad params, missing files, a full disk, a failing
+    tracking store) into one clear line and exit 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException):  # --help, usage errors: click's own
             raise
-        except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+        except Exception as exc:
+            line = None if ctx.obj and ctx.obj.get("debug") else _one_line(exc)
+            if line is None:
                 raise
-            click.secho(f"error: {exc}", fg="red", err=True)
+            click.secho(f"error: {line}", fg="red", err=True)
             sys.exit(1)
+
+
+def _one_line(exc: Exception) -> str | None:
+    """What an expected failure says in one line; None for a bug (its traceback is wanted)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"disk full{where} (no space left on the device): free some space and run the command again; nothing half-written was kept"
+    if isinstance(exc, (ValueError, FileNotFoundError, RuntimeError)):
+        return str(exc)
+    from kdas.tracking.store import store_error  # mlflow is imported only where its errors can arise
+
+    return store_error(exc)
 
 
 def params_of(ctx: click.Context) -> Params:
@@ -506,9 +521,11 @@ def predict(ctx: click.Context, images: tuple[Path, ...], model_ref: str | None,
         info = seg.info
         click.echo(tracking.version_summary(model_ref) or
                    f"model {model_file}: trained on {info.get('train_data', 'unknown data')} (MLflow run {info.get('mlflow_run_id', '?')})")
+    # in a project, the sides params.yaml allows (a 9000 px square PNG of 258 KB took 8 GB); elsewhere, the pixel bound alone
+    max_side = params_of(ctx).validation.max_size if Path(ctx.find_root().obj["params_path"]).exists() else None
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
-        image = read_rgb(path)
+        image = read_rgb(path, max_side)
         mask = seg.predict([image])[0] >= threshold
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{path.stem}_mask.png")
         overlay = image.copy()

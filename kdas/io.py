@@ -142,13 +142,17 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, max_side: int | None = None) -> Image.Image:
     """Open and fully decode an image, turning any decoder failure, and a header declaring
-    more than MAX_IMAGE_PIXELS (a decompression bomb), into ImageReadError naming the file."""
+    more than MAX_IMAGE_PIXELS (a decompression bomb) or a side over `max_side`
+    (validation.max_size, where a caller holds params), into ImageReadError naming the file."""
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ImageReadError(f"{path}: image too large ({im.width}x{im.height} px declared; at most {MAX_IMAGE_PIXELS} pixels)")
+            if max_side is not None and max(im.size) > max_side:
+                raise ImageReadError(f"{path}: image too large ({im.width}x{im.height} px; at most {max_side} px a side, "
+                                     "validation.max_size in params.yaml)")
             im.load()
             return im.copy()
     except ImageReadError:
@@ -168,9 +172,9 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+def read_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
     """An image as HxWx3 uint8: grayscale is replicated, alpha dropped, 16 bit scaled."""
-    return to_rgb(open_image(path))
+    return to_rgb(open_image(path, max_side))
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:

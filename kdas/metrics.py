@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from kdas.io import IMAGE_EXTENSIONS
+from kdas.io import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
 
 __all__ = [
     "THRESHOLDS",
@@ -55,13 +55,15 @@ def _read_8bit(path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:  # from the header: a small file can declare gigapixels
+                raise MetricsInputError(f"{path}: image too large ({img.width}x{img.height} px declared; at most {MAX_IMAGE_PIXELS} pixels)")
             if img.mode not in _ACCEPTED_MODES:
                 raise MetricsInputError(
                     f"{path}: image mode {img.mode!r} is not 8-bit; masks and predictions "
                     "must be 8-bit images (value/255 is the probability)"
                 )
             return np.asarray(img.convert("L"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
         raise MetricsInputError(f"{path}: cannot read as an image ({exc})") from exc
 
 

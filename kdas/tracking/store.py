@@ -65,6 +65,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                            "(see mlflow/README.md) or unset MLFLOW_TRACKING_URI to use the project's own store") from None
 
 
+def store_error(exc: BaseException) -> str | None:
+    """One line for an error of the tracking store itself (MLflow's, or its database's
+    beneath), else None: the command layer prints it instead of a traceback."""
+    if not isinstance(exc, MlflowException) and not type(exc).__module__.startswith("sqlalchemy."):
+        return None
+    text = " ".join(str(exc).split("[SQL:")[0].split())  # sqlalchemy appends the statement and a link
+    return f"the MLflow tracking store {tracking_uri()} failed: {text[:300]}"
+
+
 def ensure_experiment(client: MlflowClient | None = None) -> str:
     """The id of the kdas experiment, created on first use."""
     client = client or get_client()
