@@ -9,6 +9,8 @@ code runs on load.
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +49,20 @@ def save_model(path: str | Path, model: nn.Module, *, image_size: int, info: dic
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "info": info or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
     return Path(path)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """torch.save, atomically, and a full disk is an OSError ENOSPC naming the file (torch's
+    own writer says only "file write failed"): serialised in memory, then written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+        except OSError as exc:  # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
 
 
 def build_from_config(config: dict[str, Any], state: dict[str, Any], where: Path) -> PolypPVT:

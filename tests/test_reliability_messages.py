@@ -87,3 +87,15 @@ def test_a_failing_tracking_store_under_promote_is_one_line(workdir, monkeypatch
     code, output = kdas("promote")
     assert code == 1 and len(output.strip().splitlines()) == 1
     assert output.startswith(f"error: the MLflow tracking store sqlite:///{workdir / 'bad.db'} failed: ") and "file is not a database" in output
+
+
+def test_a_full_disk_saving_a_model_is_an_oserror_naming_the_file(workdir, full_disk):
+    import errno
+
+    from kdas.checkpoint import save_model
+    from kdas.models import create_model
+
+    with pytest.raises(OSError) as err:
+        save_model(full_disk / "best.pt", create_model("polyp_pvt_tiny"), image_size=64)  # ~1.8 MB: does not fit
+    assert err.value.errno == errno.ENOSPC and err.value.filename and "best.pt" in str(err.value.filename)
+    assert list(full_disk.iterdir()) == []
