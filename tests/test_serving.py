@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TINY = "polyp_pvt_tiny"
 NAME = "student-served"
+CONCURRENCY = 3  # connections the server takes at once (uvicorn's limit, as mlflow/README.md sets it)
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
 
@@ -69,6 +71,7 @@ def endpoint(store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     env.update(MLFLOW_QUIET, MLFLOW_TRACKING_URI=store)
     # the CLI execs `uvicorn` by name: put this environment's scripts first, as activating it would
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["UVICORN_LIMIT_CONCURRENCY"] = str(CONCURRENCY)
     log = root / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -156,6 +159,24 @@ def test_wrong_type_or_column_is_a_4xx(endpoint: str, columns: list[str], rows: 
     status, body = invoke(endpoint, columns, rows)
     assert 400 <= status < 500
     assert message in body["message"]
+
+
+def test_connections_past_the_limit_get_503_in_milliseconds(endpoint: str) -> None:
+    host, port = endpoint.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(CONCURRENCY)]  # three clients, mid-request
+    try:
+        time.sleep(0.5)  # the server has accepted them
+        request = urllib.request.Request(f"{endpoint}/invocations", data=b"{}", headers={"Content-Type": "application/json"})
+        start = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _OPENER.open(request, timeout=60)
+        assert err.value.code == 503 and time.monotonic() - start < 0.5
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)
+    status, body = invoke(endpoint, ["image"], [[encoded(70, 50)]])
+    assert status == 200, body
 
 
 def test_pyfunc_in_process(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
