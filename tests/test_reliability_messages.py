@@ -89,6 +89,7 @@ def test_a_failing_tracking_store_under_promote_is_one_line(workdir, monkeypatch
     assert output.startswith(f"error: the MLflow tracking store sqlite:///{workdir / 'bad.db'} failed: ") and "file is not a database" in output
 
 
+@pytest.mark.slow
 def test_a_full_disk_saving_a_model_is_an_oserror_naming_the_file(workdir, full_disk):
     import errno
 
