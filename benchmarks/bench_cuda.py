@@ -1,74 +1,82 @@
-"""The CUDA paths on a GPU: training steps of the real engine (AMP on and off, channels_last)
-and evaluation, for the paper's models and the real-cpu profile's, on synthetic frames.
+"""The training engine on a GPU, step by step from the engine as it was to the engine as it is.
 
-    python benchmarks/bench_cuda.py [--size 352] [--steps 20]
+Per role (the PVTv2-B2 teacher alone; the PVTv2-B0 student distilled with KDAS from its
+frozen B2 teacher), in one run, each in a fresh process:
 
-Prints a table: images/s of training (teacher alone and student distilled with KDAS),
-evaluation images/s and latency, peak GPU memory. Needs a CUDA device.
+    V0  the engine at REV (`--before`), fp32, as it ran then
+    V1  V0 + TF32 matmuls
+    V2  V0 with its bf16 autocast on (how the old engine ran AMP)
+    V3  this tree as it runs by default (bf16 forward, fp32 losses, no host sync per step,
+        fused AdamW, channels_last, cudnn.benchmark, inference-mode teacher)
+    V4  V3 + train.compile
+
+Batches run at the paper's three scales {0.75, 1, 1.25} (three passes per image). Each
+variant warms up on its own (its first steps, cuDNN autotuning and compilation, are
+reported apart), then times an epoch of `--steps` batches between two device
+synchronisations. Prints ms/step, images/s, passes/s, peak GB and the projected wall time
+of the paper's recipe (1450 images, 100 epochs, teacher then student).
+
+    python benchmarks/bench_cuda.py --before 74dded5 [--size 352] [--batch 16] [--steps 30]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
+from bench_training import ROOT, measure_in, remove_worktree, worktree
 
-from kdas.checkpoint import save_model
-from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, TrainParams
-from kdas.data.manifest import build_manifest
-from kdas.data.synth import write_synth
-from kdas.evaluation import measure_efficiency
-from kdas.inference import Segmenter
-from kdas.models import create_model
-from kdas.training import TrainJob, train
-
-PAIRS = {  # teacher, student
-    "paper (PVTv2-B2 -> B0)": (RoleModel("polyp_pvt", "pvt_v2_b2", "none", 0.1), RoleModel("polyp_pvt", "pvt_v2_b0", "none", 0.1)),
-    "real-cpu (Lite2 -> Lite0)": (RoleModel("polyp_pvt", "tf_efficientnet_lite2", "none", 0.1),
-                                  RoleModel("polyp_pvt", "tf_efficientnet_lite0", "none", 0.1)),
+PAPER_IMAGES, PAPER_EPOCHS, PAPER_SCALES = 1450, 100, ("0.75", "1.0", "1.25")
+VARIANTS = {  # name: (tree, measurement flags)
+    "V0 as it was": ("before", ["--amp", "off"]),
+    "V1 + TF32": ("before", ["--amp", "off", "--tf32"]),
+    "V2 + its bf16": ("before", ["--amp", "on"]),
+    "V3 this engine": ("after", []),
+    "V4 + compile": ("after", ["--compile"]),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", metavar="REV", required=True, help="the commit of kdas that V0-V2 run")
     parser.add_argument("--size", type=int, default=352)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20, help="training batches per measurement")
+    parser.add_argument("--steps", type=int, default=30, help="batches in the timed epoch")
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script with --tiny")
+    parser.add_argument("--tiny", action="store_true", help="tiny models instead of PVTv2-B2/B0")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device")
-    tmp = Path(tempfile.mkdtemp())
-    write_synth(tmp / "raw" / "synth", SynthParams(n_images=args.batch * (args.steps + 2), size=args.size, empty_fraction=0.1, seed=0))
-    manifest = build_manifest(tmp / "raw", ["synth"], SplitParams(val_fraction=0.05, test_fraction=0.0, seed=0), near_duplicate_distance=0)
-    base = TrainParams(image_size=args.size, batch_size=args.batch, epochs=1, lr=1e-4, weight_decay=1e-4, grad_clip=0.5, multiscale=[1.0],
-                       lr_decay=1.0, decay_epochs=50, patience=20, seed=0, workers=8, nproc_per_node=1, amp=True, augment=True, weighted_bce=True)
-    kdas = DistillParams(method="kdas", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8, seed=0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size} px, batch {args.batch}, {args.steps} steps")
-    print(f"{'models':<28} {'run':<22} {'amp':<5} {'train img/s':>11} {'data wait':>9} {'peak GB':>8}")
-    for label, (teacher_spec, student_spec) in PAIRS.items():
-        teacher_file = save_model(tmp / "teacher.pt", create_model(teacher_spec.arch, backbone=teacher_spec.backbone), image_size=args.size)
-        for amp in (None, True, False):  # None: a warm-up run (cudnn autotune, lazy init), not printed
-            for role, spec, distill, teacher in (("teacher", teacher_spec, dataclasses.replace(kdas, method="none"), None),
-                                                 ("student kdas", student_spec, kdas, teacher_file)):
-                torch.cuda.reset_peak_memory_stats()
-                job = TrainJob(role=role.split()[0], model=spec, manifest=manifest, out_dir=tmp / f"{role}-{amp}",
-                               train=dataclasses.replace(base, amp=bool(amp)), distill=distill, teacher=teacher, max_steps=args.steps)
-                started = time.perf_counter()
-                result = train(job)
-                if amp is None:
-                    continue
-                h = result.history[0]
-                print(f"{label:<28} {role:<22} {str(amp):<5} {h['images_per_s']:>11.1f} {h['data_wait_share']:>9.0%} "
-                      f"{torch.cuda.max_memory_allocated() / 2**30:>8.2f}"
-                      f"   ({time.perf_counter() - started:.0f} s with validation)")
-        seg = Segmenter.load(tmp / "student kdas-True" / "best.pt", "cuda")
-        e = measure_efficiency(seg, args.batch, repeats=20)
-        print(f"{label:<28} {'evaluate student (fp32)':<22} {'-':<5} {e.throughput:>11.1f} {'':>9} {e.peak_memory_mb / 1024:>8.2f}"
-              f"   latency {e.latency_ms:.2f} ms at batch 1, {e.params_m:.2f}M params, {e.gmacs:.2f} GMACs")
+
+    common = ["--device", args.device, "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
+              "--warmup-steps", str(args.warmup_steps), "--workers", str(args.workers), "--bare-steps", "0", "--val-images",
+              str(args.batch), "--no-phases", "--multiscale", *PAPER_SCALES, *(["--tiny"] if args.tiny else ["--paper-models"])]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"before": worktree(args.before, Path(tmp)), "after": ROOT}
+        try:
+            for setting in ("teacher-none", "student-kdas"):
+                for name in args.variants:
+                    tree, flags = VARIANTS[name]
+                    rows.append((name, measure_in(trees[tree], setting, [*common, *flags])))
+                    print(f"{setting} {name}: done", file=sys.stderr, flush=True)
+        finally:
+            remove_worktree(trees["before"])
+
+    print(f"\n{rows[0][1]['device']}, {args.size} px, batch {args.batch}, {args.steps} timed steps after {args.warmup_steps} warm-up steps")
+    print("| role | variant | ms/batch | images/s | passes/s | first steps s | peak GB | paper recipe, this role |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    projected: dict[str, float] = {}
+    for name, r in rows:
+        minutes = PAPER_IMAGES * PAPER_EPOCHS / r["images_per_s"] / 60
+        projected[name] = projected.get(name, 0.0) + minutes
+        peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "-"
+        print(f"| {r['setting']} | {name} | {r['ms_per_batch']:.1f} | {r['images_per_s']:.0f} | {r['passes_per_s']:.0f} "
+              f"| {r['first_steps_s']:.1f} | {peak} | {minutes:.1f} min |")
+    print("\npaper recipe, teacher then KDAS student: " + ", ".join(f"{k} {v:.0f} min" for k, v in projected.items()))
 
 
 if __name__ == "__main__":

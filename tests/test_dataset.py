@@ -69,10 +69,14 @@ def test_each_transform_draws_from_its_own_stream():
     assert seen == {(False, False), (True, False), (False, True), (True, True)}
 
 
-def test_seeded_sampler_seeds_depend_on_seed_epoch_and_index_alone():
-    sampler = SeededSampler(range(4), seed=0)
-    first = list(sampler)
-    assert [i for i, _ in first] == [0, 1, 2, 3] and len({s for _, s in first}) == 4
-    assert list(SeededSampler(range(4), seed=0)) == first
+def test_seeded_sampler_order_and_seeds_depend_on_seed_and_epoch_alone():
+    data = list(range(6))
+    first = list(SeededSampler(data, seed=0))
+    assert sorted(i for i, _ in first) == data and len({s for _, s in first}) == 6
+    sampler = SeededSampler(data, seed=0)
+    next(iter(sampler))  # an epoch cut short leaves nothing behind
+    assert list(sampler) == first
     sampler.set_epoch(1)
-    assert [s for _, s in sampler] != [s for _, s in first]
+    assert list(sampler) != first and list(SeededSampler(data, seed=1)) != first
+    halves = [list(SeededSampler(data, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(i for half in halves for i, _ in half) == data  # ranks split an epoch

@@ -206,3 +206,19 @@ def test_multiscale_trains_each_batch_at_each_scale(manifest, tmp_path, monkeypa
     result = train(job(manifest, tmp_path, train=p, max_steps=2))
     assert sizes == [((32, 32),) * 2, ((64, 64),) * 2, ((96, 96),) * 2] * 2  # 2 batches x 3 scales, masks resized too
     assert result.history[0]["train_loss"] > 0
+
+
+@pytest.mark.slow
+def test_the_loader_workers_do_not_change_the_result(manifest, tmp_path):
+    """Augmentations are seeded per sample (seed, epoch, index), not per worker: no workers
+    and two persistent workers train the same weights."""
+    p = dataclasses.replace(TINY, epochs=2)
+    runs = [train(job(manifest, tmp_path / str(w), train=dataclasses.replace(p, workers=w), max_steps=2)) for w in (0, 2)]
+    a, b = (load_model(r.best_path).model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_train_compile_runs_the_compiled_model_and_loss(manifest, tmp_path):
+    result = train(job(manifest, tmp_path, train=dataclasses.replace(TINY, epochs=1, compile=True), max_steps=1))
+    assert result.epochs_run == 1 and result.history[0]["train_loss"] > 0

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
 from kdas.data.transforms import seed_augment, train_augment
@@ -53,23 +53,16 @@ class PolypDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(np.ascontiguousarray(mask))[None]
 
 
-class SeededSampler(Sampler):
-    """Wraps a sampler to yield ``(index, seed)``: each sample's augmentation comes from a
-    seed derived from (``seed``, epoch, index), so an epoch's augmentations depend on those
-    alone — not on the number of loader workers, on which persistent worker draws the
-    sample, or on a resume in the middle of a run."""
+class SeededSampler(DistributedSampler):
+    """The shuffled order of an epoch, as ``(index, seed)`` pairs: the order comes from
+    (``seed``, epoch) as DistributedSampler draws it (one process is a world of one), and each
+    sample's augmentation from a seed of (``seed``, epoch, index). An epoch is then fixed by
+    those alone: not by the number of loader workers, by which persistent worker draws a
+    sample, by how far a previous epoch was iterated, or by a resume in the middle of a run."""
 
-    def __init__(self, sampler: Sampler, seed: int):
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):  # DistributedSampler
-            self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
+    def __init__(self, data: Dataset, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=num_replicas > 1)
 
     def __iter__(self):
-        for i in self.sampler:
+        for i in super().__iter__():
             yield i, int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])

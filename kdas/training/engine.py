@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from kdas.checkpoint import load_model, save_model
 from kdas.config import DistillParams, RoleModel, TrainParams
@@ -189,18 +189,14 @@ class Trainer:
 
         self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=p.augment, workers=max(1, p.workers))
         self.val_data = PolypDataset(_rows(job.manifest, "val"), p.image_size, augment=False, workers=max(1, p.workers))
-        self.generator = torch.Generator().manual_seed(p.seed)
-        self.sampler = SeededSampler(
-            DistributedSampler(self.train_data, num_replicas=self.world.size, rank=self.world.rank, seed=p.seed, drop_last=True)
-            if self.world.distributed
-            else RandomSampler(self.train_data, generator=self.generator),
-            p.seed,
-        )
-        # persistent workers: forked once, not every epoch (each fork costs seconds with the cache)
+        self.sampler = SeededSampler(self.train_data, p.seed, num_replicas=self.world.size, rank=self.world.rank)
+        # persistent workers: forked once, not every epoch (each fork costs seconds with the cache).
+        # The loader draws its workers' base seed on each new iterator, which persistent workers
+        # skip: a generator of its own keeps those draws off the global RNG (drop path, dropout).
         self.loader = DataLoader(
             self.train_data, batch_size=p.batch_size, sampler=self.sampler, num_workers=p.workers,
             pin_memory=self.device.type == "cuda", drop_last=len(self.train_data) >= p.batch_size * self.world.size,
-            persistent_workers=p.workers > 0,
+            persistent_workers=p.workers > 0, generator=torch.Generator().manual_seed(p.seed),
         )
 
         self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world.distributed else self.model
@@ -220,7 +216,7 @@ class Trainer:
         state = {
             "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "best": self.best,
-            "best_epoch": self.best_epoch, "history": self.history, "rng": _rng_state(), "generator": self.generator.get_state(),
+            "best_epoch": self.best_epoch, "history": self.history, "rng": _rng_state(),
             "model_config": self.model.config(), "fingerprint": self.fingerprint,
         }
         with atomic_path(self.out_dir / LAST) as tmp:
@@ -248,7 +244,6 @@ class Trainer:
         self.best, self.best_epoch, self.history = state["best"], state["best_epoch"], state["history"]
         self.start_epoch = state["epoch"] + 1
         _set_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
         log.info("resumed %s after epoch %d (best val meanDic %.4f at epoch %d)", path, state["epoch"] + 1, self.best, self.best_epoch + 1)
 
     # -- the loop --------------------------------------------------------------------
