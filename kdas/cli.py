@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -252,6 +253,42 @@ def _train_options(f):
     return f
 
 
+def _stop_with_dvc(poll_s: float = 2.0) -> None:
+    """Under `dvc repro` (DVC sets DVC_STAGE), SIGTERM this process once that dvc is gone: a
+    SIGKILLed dvc left its training running on as an orphan, outside any DVC run."""
+    import threading
+
+    import psutil
+
+    if "DVC_STAGE" not in os.environ:
+        return
+    dvc = next((p for p in psutil.Process().parents() if any(Path(arg).name == "dvc" for arg in _cmdline(p))), None)
+    if dvc is None:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                if not dvc.is_running() or dvc.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(poll_s)
+        logging.getLogger(__name__).warning("dvc (pid %d) that ran this stage is gone: stopping", dvc.pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dvc-watch", daemon=True).start()
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
 def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, out: Path | None, teacher: Path | None, **kw) -> None:
     """`distill` None: the ground truth alone, and no distill.* key read (the teacher's stage does not depend on them)."""
     import hashlib
@@ -278,6 +315,7 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
                    teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
     # SIGTERM ends training as SIGINT does, through its cleanups: the MLflow run ends KILLED, not RUNNING forever
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    _stop_with_dvc()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks, reports and writes
         run_train(job)
         return

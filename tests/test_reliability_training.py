@@ -79,3 +79,41 @@ def test_sigterm_ends_the_run_killed_and_a_second_training_into_the_folder_is_re
     with folder_lock(workdir / "models" / "teacher", "the next training"):
         pass
     assert (workdir / "models" / "teacher" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_training_whose_dvc_repro_is_killed_stops_instead_of_running_on_as_an_orphan(workdir, mlflow_store):
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    from kdas.cli import main
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["data"]["synth"].update(n_images=12, size=64)
+    params["model"]["teacher"] = {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0}
+    params["train"].update(image_size=64, epochs=200, patience=500, workers=0)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["data", "synth"], ["data", "manifest"]):
+        assert CliRunner().invoke(main, args).exit_code == 0
+    (workdir / "dvc.yaml").write_text("stages:\n  train_teacher:\n    cmd: kdas train teacher\n    outs:\n      - models/teacher/best.pt\n")
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=workdir, check=True, env=tool_environ())
+    dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train_teacher"], cwd=workdir, env=tool_environ(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (workdir / "models" / "teacher" / "last.ckpt").exists():
+            assert dvc.poll() is None, "dvc repro ended before training"
+            time.sleep(0.05)
+        [training] = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "train" in p.cmdline()]
+        dvc.kill()  # SIGKILL: dvc runs no cleanup, and nothing forwards it to the stage
+        dvc.wait(30)
+        training.wait(30)  # stopped by its own watch (psutil cannot see a grandchild's status: its run below can)
+    finally:
+        for proc in psutil.Process().children(recursive=True):
+            if "train" in proc.cmdline():
+                proc.kill()
+    runs = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("train_teacher", "KILLED")]
+    with folder_lock(workdir / "models" / "teacher", "the next training"):
+        pass
