@@ -38,7 +38,6 @@ def bound_http_waits() -> None:
         os.environ.setdefault(key, value)
 
 
-
 @contextlib.contextmanager
 def pipeline_run(name: str = "pipeline", params: Mapping[str, Any] | None = None) -> Iterator[Any]:
     """The parent run of a pipeline execution.
@@ -98,6 +97,7 @@ def _run(name: str, params: Mapping[str, Any] | None, kind: str) -> Iterator[Any
         status = RunStatus.KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else RunStatus.FAILED
         with contextlib.suppress(Exception):  # never hide the stage's own error
             mlflow.set_tag("kdas.error", f"{type(exc).__name__}: {exc}"[:5000])
+        with contextlib.suppress(Exception):  # nor by a store that is gone too
             mlflow.end_run(RunStatus.to_string(status))
         raise
     try:
