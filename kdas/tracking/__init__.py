@@ -4,6 +4,7 @@
   ``sqlite:///<project>/mlflow/mlflow.db`` with artifacts in ``mlflow/artifacts``).
 - ``runs``: the flow's parent run, one run per stage, and ``model_run``: a model's one
   record (its training run, resumed by evaluate and register). Params are logged flat.
+  ``TrainingLog``: a training's per-epoch logging, which outlives a store that goes away.
 - ``served``: the pyfunc served model (``SegmenterModel``, "models from code" around a kdas
   model file) and its per-request budget.
 - ``references``: a path or ``models:/`` / ``runs:/`` URI to a local kdas model file.
