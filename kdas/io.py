@@ -99,8 +99,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(old, path)
     if path.is_symlink() or path.exists() and not (path.is_dir() and ((path / MARKER).is_file() or not any(path.iterdir()))):
-        raise ForeignFolderError(f"{path}: exists and was not written by kdas (no {MARKER} file in it); kdas replaces only "
-                                 "folders it made: choose another output, or move it away yourself")
+        raise ForeignFolderError(f"{path}: exists and has no {MARKER} file (kdas marks the folders it writes, and replaces "
+                                 "only those): choose another output, or move it away yourself")
     tmp = _temporary(path)
     tmp.mkdir()
     (tmp / MARKER).write_text("Written by kdas, which may replace this folder.\n")

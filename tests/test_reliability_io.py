@@ -129,8 +129,8 @@ def test_synth_never_replaces_a_folder_kdas_did_not_make(workdir, out):
     before = {p: p.read_bytes() for p in [*(workdir / "data").rglob("*"), *(workdir / "mine").rglob("*")] if p.is_file()}
     result = synth(workdir, out)
     assert result.exit_code == 1
-    assert result.output.strip() == (f"error: {out}: exists and was not written by kdas (no .kdas-made file in it); kdas replaces only "
-                                     "folders it made: choose another output, or move it away yourself")
+    assert result.output.strip() == (f"error: {out}: exists and has no .kdas-made file (kdas marks the folders it writes, and "
+                                     "replaces only those): choose another output, or move it away yourself")
     after = {p: p.read_bytes() for p in [*(workdir / "data").rglob("*"), *(workdir / "mine").rglob("*")] if p.is_file()}
     assert after == before
 
