@@ -202,7 +202,7 @@ def measure_in(tree: Path, setting: str, options: list[str]) -> dict:
 def _options(args, workers: int) -> list[str]:
     return ["--workers", str(workers), "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
             "--bare-steps", str(args.bare_steps), "--val-images", str(args.val_images), "--multiscale", *map(str, args.multiscale),
-            *(["--tiny"] if args.tiny else [])]
+            "--amp", args.amp, *(["--compile"] if args.compile else []), *(["--tiny"] if args.tiny else [])]
 
 
 def worktree(rev: str, tmp: Path) -> Path:
@@ -249,12 +249,13 @@ def main() -> None:
     parser.add_argument("--multiscale", type=float, nargs="+", default=[1.0], help="scales of each batch (each one a pass)")
     parser.add_argument("--before", metavar="REV", help="also measure this commit of kdas, from a git worktree")
     parser.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script)")
+    parser.add_argument("--amp", choices=("default", "on", "off"), default="default",
+                        help="train.amp as params.yaml says, or forced (it acts on CUDA only: kdas.device)")
+    parser.add_argument("--compile", action="store_true", help="train.compile on (torch.compile of model and loss)")
     # internal: one measurement in this process, JSON out (also what bench_cuda.py runs)
     parser.add_argument("--measure", metavar="SETTING", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    parser.add_argument("--amp", choices=("default", "on", "off"), default="default", help=argparse.SUPPRESS)
     parser.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warmup-steps", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--paper-models", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-phases", dest="phases", action="store_false", help=argparse.SUPPRESS)
