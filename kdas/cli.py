@@ -473,12 +473,15 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
 
 @main.command()
 @_role_option
+@click.option("--version", "version", help="The version to decide on (default: the one this workspace registered, "
+                                           "in reports/register/<role>.json).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Decision record (default: reports/promotion/<role>.json).")
 @click.pass_context
-def promote(ctx: click.Context, role: str, out: Path | None) -> None:
-    """Move `champion` to the challenger if it passes the gate in params.yaml (register.gate).
+def promote(ctx: click.Context, role: str, version: str | None, out: Path | None) -> None:
+    """Move `champion` to a registered version if it passes the gate in params.yaml (register.gate).
 
-    Like for like: a champion scored on other test data is first evaluated on this
+    The version this workspace registered, never the `challenger` alias: another run may
+    have moved it. Like for like: a champion scored on other test data is first evaluated on this
     workspace's test sets. Exits 0 either way; the decision and its evidence are printed, written to --out and
     tagged on the model version.
     """
@@ -501,11 +504,19 @@ def promote(ctx: click.Context, role: str, out: Path | None) -> None:
                                 batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
         return result["datasets"]["mean"], result["data"]
 
-    decision = tracking.promote(_registry_name(ctx, role), params.register.gate, evaluate_champion)
+    name = _registry_name(ctx, role)
+    if version is None:
+        registered = REPORTS / "register" / f"{role}.json"
+        record = json.loads(registered.read_text()) if registered.exists() else {}
+        if record.get("name") != name:
+            raise click.ClickException(f"{registered}: no version of {name} registered here; run `kdas register --role {role}` "
+                                       "first, or pass --version")
+        version = str(record["version"])
+    decision = tracking.promote(name, params.register.gate, evaluate_champion, version=version)
     out = out or REPORTS / "promotion" / f"{role}.json"
     write_text(out, json.dumps(asdict(decision), indent=2))
     verdict = "promoted" if decision.promoted else "not promoted"
-    click.echo(f"{_registry_name(ctx, role)} version {decision.challenger}: {verdict}: {decision.reason}")
+    click.echo(f"{name} version {decision.challenger}: {verdict}: {decision.reason}")
 
 
 @main.command()

@@ -20,20 +20,27 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from kdas.config import GateParams
 from kdas.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
 from kdas.provenance import flatten, git_tags, lineage_tags
 from kdas.tracking.runs import log_metrics, model_run
-from kdas.tracking.served import _serving_config, log_segmenter
+from kdas.tracking.served import MODEL_FILE_ARTIFACT, _serving_config, log_segmenter
 from kdas.tracking.store import get_client, project_dir
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
 EVAL_DATA_TAG = "kdas.eval_data"   # what metric.* were measured on
 REEVAL_TAG = "eval."               # eval.<data key>/<metric>: scores on other evaluation data
+MODEL_BYTES_TAG = "kdas.model_bytes"  # the model file's size: its stored copy is checked before an alias moves
+DECISION_TAG = "promotion.decision"
+# written first by a promote and replaced last: a promote stopped half-way (killed) leaves
+# this, never a decision it did not finish, and the next promote of the version finishes it
+PENDING = "pending"
 
 #: evaluate a registered version (``models:/NAME/VERSION``) on the current test sets:
 #: returns ({metric: mean over the test sets}, evaluation data id)
@@ -112,12 +119,14 @@ def register_model(
     existing = _version_of_file(client, name, sha)
     if existing is not None:
         if client.get_registered_model(name).aliases.get(CHAMPION) != existing.version:
+            check_files(name, existing.version)
             client.set_registered_model_alias(name, CHALLENGER, existing.version)
         return RegisteredVersion(name, str(existing.version), existing.run_id, f"models:/{name}/{existing.version}", existed=True,
                                  model_id=getattr(existing, "model_id", None))
 
     info = loaded.info
     tags = {**metric_tags(metrics), **git_tags(), **lineage_tags(project_dir()), SHA_TAG: sha, EVAL_DATA_TAG: evaluation_data,
+            MODEL_BYTES_TAG: str(model_file.stat().st_size),
             "kdas.arch": loaded.config["arch"], "kdas.backbone": loaded.config["backbone"], "kdas.image_size": str(loaded.image_size),
             "kdas.role": str(info.get("role", "")), "kdas.train_data": str(info.get("train_data", "unknown")),
             "kdas.training_run": str(info.get("mlflow_run_id", "unknown")), "kdas.method": str(info.get("method", ""))}
@@ -145,6 +154,7 @@ def register_model(
             version = mlflow.register_model(logged.model_uri, name, tags=tags)
             source_run = run.info.run_id
     client.update_model_version(name, version.version, description=_describe(name, loaded.config, info, tags, metrics))
+    check_files(name, version.version)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return RegisteredVersion(name, str(version.version), source_run, f"models:/{name}/{version.version}", model_id=logged.model_id)
 
@@ -168,10 +178,17 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in model.aliases.items()}
 
 
+def _record(tags: Mapping[str, str]) -> dict[str, str]:
+    """A version's promotion record among its tags."""
+    return {k: v for k, v in tags.items() if k.startswith("promotion.") or k == PREVIOUS_CHAMPION_TAG}
+
+
 @contextlib.contextmanager
-def _aliases_restored_on_error(client: MlflowClient, name: str) -> Iterator[None]:
-    """If anything fails inside, put every alias of `name` back where it was."""
+def _undone_on_error(client: MlflowClient, name: str, version: str) -> Iterator[None]:
+    """If anything fails inside, put every alias of `name` and the promotion record of
+    `version` back as they were: no evidence of a move that did not happen."""
     before = _aliases(client, name)
+    record = _record(client.get_model_version(name, version).tags)
     try:
         yield
     except BaseException:
@@ -179,10 +196,42 @@ def _aliases_restored_on_error(client: MlflowClient, name: str) -> Iterator[None
             now = _aliases(client, name)
             for alias in now.keys() - before.keys():
                 client.delete_registered_model_alias(name, alias)
-            for alias, version in before.items():
-                if now.get(alias) != version:
-                    client.set_registered_model_alias(name, alias, version)
+            for alias, number in before.items():
+                if now.get(alias) != number:
+                    client.set_registered_model_alias(name, alias, number)
+            written = _record(client.get_model_version(name, version).tags)
+            for key in written.keys() - record.keys():
+                client.delete_model_version_tag(name, version, key)
+            for key, value in record.items():
+                if written.get(key) != value:
+                    client.set_model_version_tag(name, version, key, value)
         raise
+
+
+def check_files(name: str, version: str) -> None:
+    """Raise RegistryError unless the model files of `name` `version` are all in the artifact
+    store (its MLmodel and every artifact it names, the model file at its registered size):
+    an alias must never point at a model that cannot load."""
+    base = None
+    try:
+        base = ModelsArtifactRepository.get_underlying_uri(f"models:/{name}/{version}")
+        spec = yaml.safe_load(mlflow.artifacts.load_text(f"{base}/MLmodel"))
+        artifacts = spec["flavors"]["python_function"].get("artifacts", {})
+        stored: dict[str, int | None] = {}
+        for folder in {entry["path"].rpartition("/")[0] for entry in artifacts.values()}:
+            for info in mlflow.artifacts.list_artifacts(artifact_uri=f"{base}/{folder}" if folder else base):
+                stored[info.path if info.path.startswith(f"{folder}/") or not folder else f"{folder}/{info.path}"] = info.file_size
+    except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise RegistryError(f"'{name}' version {version}: its model files cannot be read from {base or 'the store'} "
+                            f"({getattr(exc, 'message', None) or exc}); no alias moves to it") from None
+    size = get_client().get_model_version(name, version).tags.get(MODEL_BYTES_TAG)
+    for key, entry in artifacts.items():
+        expected = int(size) if key == MODEL_FILE_ARTIFACT and size else None
+        found = stored.get(entry["path"])
+        if not found or (expected is not None and found != expected):
+            state = "missing" if found is None else f"{found} bytes, registered {expected}"
+            raise RegistryError(f"'{name}' version {version}: its file {entry['path']} in {base} is incomplete ({state}); "
+                                "no alias moves to it: register the model again")
 
 
 def _number(raw: str | None) -> float | None:
@@ -207,23 +256,37 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None) -> Decision:
-    """Apply the gate (kdas.promotion.decide) to the ``challenger`` version of `name`.
+def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None, version: str | None = None) -> Decision:
+    """Apply the gate (kdas.promotion.decide) to `version` of `name`.
+
+    A pipeline passes the version it registered: the ``challenger`` alias (the default, for
+    a person at a terminal) is last-writer-wins, and another run may have moved it since.
+    Callers serialise promotes of one model (the flow holds a lock the Prefect server keeps).
 
     Like for like: when the champion was scored on other data than the challenger, it is
     first evaluated on the challenger's test sets by `evaluate` (its scores recorded on its
     version as ``eval.<data>/<metric>`` tags); without `evaluate`, or if that fails, the
     decision says so and does not promote. The decision and its evidence (both data ids)
-    are written as ``promotion.*`` tags on the challenger; on promotion the previous
-    champion is remembered and ``champion`` moves, last. A failure leaves the aliases as
-    they were.
+    are written as ``promotion.*`` tags on the challenger: ``promotion.decision`` is
+    ``pending`` first and the decision last, after ``champion`` moved (the replaced champion
+    remembered as ``previous_champion``). A failure puts aliases and tags back as they were;
+    a promote killed after the move leaves ``pending`` on the champion, and promoting that
+    version again finishes its record. The champion never moves to a version whose files
+    are incomplete (check_files).
     """
     client = get_client()
     aliases = _aliases(client, name)
-    challenger = aliases.get(CHALLENGER)
+    challenger = version or aliases.get(CHALLENGER)
     if challenger is None:
         raise RegistryError(f"'{name}' has no '{CHALLENGER}' version: register one first")
+    try:
+        record = _record(client.get_model_version(name, challenger).tags)
+    except MlflowException:
+        raise RegistryError(f"'{name}' has no version {challenger}") from None
     champion = aliases.get(CHAMPION)
+    if champion == challenger and record.get(DECISION_TAG) == PENDING:
+        client.set_model_version_tag(name, challenger, DECISION_TAG, "promoted")
+        return _recorded_promotion(challenger, record)
     ours = _evidence(client, name, challenger, gate.metric)
     theirs = _evidence(client, name, champion, gate.metric, ours.data) if champion else None
     if theirs is not None and champion != challenger and theirs.data != ours.data and evaluate is not None:
@@ -236,8 +299,9 @@ def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None) -> D
     decided = decide(ours, theirs, gate)
     if champion == challenger:  # nothing to decide; keep the evidence of its promotion
         return decided
+    if decided.promoted:
+        check_files(name, challenger)
     evidence = {
-        "promotion.decision": "promoted" if decided.promoted else "rejected",
         "promotion.reason": decided.reason[:5000],
         "promotion.metric": gate.metric,
         "promotion.margin": repr(gate.margin),
@@ -249,16 +313,26 @@ def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None) -> D
         "promotion.champion_before": str(champion),
         "promotion.time": _now(),
     }
-    decision = evidence.pop("promotion.decision")
-    with _aliases_restored_on_error(client, name):
+    with _undone_on_error(client, name, challenger):
+        client.set_model_version_tag(name, challenger, DECISION_TAG, PENDING)
         for key, value in evidence.items():
             client.set_model_version_tag(name, challenger, key, value)
         if decided.promoted:
             client.set_model_version_tag(name, challenger, PREVIOUS_CHAMPION_TAG, str(champion))
             client.set_registered_model_alias(name, CHAMPION, challenger)
-        # last: a store that dies half-way never leaves a version tagged promoted whose alias did not move
-        client.set_model_version_tag(name, challenger, "promotion.decision", decision)
+        client.set_model_version_tag(name, challenger, DECISION_TAG, "promoted" if decided.promoted else "rejected")
     return decided
+
+
+def _recorded_promotion(version: str, record: Mapping[str, str]) -> Decision:
+    """The decision a promote stopped after moving ``champion`` had written as evidence."""
+    def value(key: str) -> str | None:
+        raw = record.get(f"promotion.{key}")
+        return None if raw in (None, "None") else raw
+
+    return Decision(True, version, value("champion_before"), _number(value("challenger_score")), _number(value("champion_score")),
+                    f"{value('reason')} (the record of this promotion, stopped after the champion moved, is completed now)",
+                    value("challenger_data"), value("champion_data"))
 
 
 def rollback(name: str) -> str:
@@ -281,7 +355,7 @@ def rollback(name: str) -> str:
         client.get_model_version(name, previous)
     except MlflowException:
         raise RegistryError(f"'{name}' version {previous} (the previous champion) no longer exists") from None
-    with _aliases_restored_on_error(client, name):
+    with _undone_on_error(client, name, current):
         note = f"{_now()}: champion back to version {previous}"
         client.set_model_version_tag(name, current, "promotion.rolled_back", note)
         client.set_registered_model_alias(name, CHAMPION, previous)
