@@ -40,7 +40,7 @@ VARIANTS = {  # name: (tree, measurement flags)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", metavar="REV", required=True, help="the commit of kdas that V0-V2 run")
+    parser.add_argument("--before", metavar="REV", help="the commit of kdas that V0-V2 run (needed by those)")
     parser.add_argument("--size", type=int, default=352)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="batches in the timed epoch")
@@ -50,13 +50,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script with --tiny")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of PVTv2-B2/B0")
     args = parser.parse_args()
+    if args.before is None and any(VARIANTS[name][0] == "before" for name in args.variants):
+        parser.error("V0-V2 run the engine as it was: name its commit with --before REV")
 
     common = ["--device", args.device, "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
               "--warmup-steps", str(args.warmup_steps), "--workers", str(args.workers), "--bare-steps", "0", "--val-images",
               str(args.batch), "--no-phases", "--multiscale", *PAPER_SCALES, *(["--tiny"] if args.tiny else ["--paper-models"])]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"before": worktree(args.before, Path(tmp)), "after": ROOT}
+        trees = {"before": worktree(args.before, Path(tmp)) if args.before else None, "after": ROOT}
         try:
             for setting in ("teacher-none", "student-kdas"):
                 for name in args.variants:
@@ -64,7 +66,8 @@ def main() -> None:
                     rows.append((name, measure_in(trees[tree], setting, [*common, *flags])))
                     print(f"{setting} {name}: done", file=sys.stderr, flush=True)
         finally:
-            remove_worktree(trees["before"])
+            if trees["before"] is not None:
+                remove_worktree(trees["before"])
 
     print(f"\n{rows[0][1]['device']}, {args.size} px, batch {args.batch}, {args.steps} timed steps after {args.warmup_steps} warm-up steps")
     print("| role | variant | ms/batch | images/s | passes/s | first steps s | peak GB | paper recipe, this role |")

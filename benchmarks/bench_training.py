@@ -108,6 +108,23 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(device, work) -> float:
+    """Seconds `work()` keeps the device busy: CUDA events on a GPU, the host clock on a CPU."""
+    import torch
+
+    if device.type != "cuda":
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
 def measure(args) -> dict:
     """One setting in this process, with whichever kdas is importable (this tree or a worktree)."""
     import torch
@@ -143,15 +160,11 @@ def measure(args) -> dict:
         device = trainer.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        started = time.perf_counter()
-        trainer.train_epoch(0)  # warm-up: oneDNN/cuDNN choices, compilation, allocator, loader workers
-        _synchronize(device)
-        first_steps_s = time.perf_counter() - started
+        # warm-up: oneDNN/cuDNN choices, compilation, allocator, loader workers
+        first_steps_s = _timed(device, lambda: trainer.train_epoch(0))
         trainer.job.max_steps = args.steps
-        started = time.perf_counter()
-        epoch = trainer.train_epoch(1)
-        _synchronize(device)
-        seconds = time.perf_counter() - started
+        epoch = {}
+        seconds = _timed(device, lambda: epoch.update(trainer.train_epoch(1)))
         images = args.batch * args.steps
 
         phases = {}
