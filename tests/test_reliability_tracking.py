@@ -10,8 +10,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -37,7 +39,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
 
 
 @pytest.fixture
-def store(tmp_path: Path, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int]:
+def store(tmp_path: Path, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, int]]:
     """A server's store folder and port, the project (cwd) in tmp_path/project pointing at it."""
     root = tmp_path / "server"
     root.mkdir()
@@ -50,7 +52,8 @@ def store(tmp_path: Path, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv(key, value)
     monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
     monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
-    return root, port
+    yield root, port
+    mlflow.set_tracking_uri(None)  # forget this server (kdas.tracking sets the global URI): later tests must not reach for it
 
 
 def test_epochs_logged_while_the_server_is_away_arrive_when_it_returns(store, monkeypatch, caplog):

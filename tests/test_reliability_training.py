@@ -74,7 +74,8 @@ def test_sigterm_ends_the_run_killed_and_a_second_training_into_the_folder_is_re
     finally:
         if first.poll() is None:
             first.kill()
-    runs = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train_teacher", "KILLED")]  # the refused one made no run
     with folder_lock(workdir / "models" / "teacher", "the next training"):
         pass
@@ -113,7 +114,8 @@ def test_a_training_whose_dvc_repro_is_killed_stops_instead_of_running_on_as_an_
         for proc in psutil.Process().children(recursive=True):
             if "train" in proc.cmdline():
                 proc.kill()
-    runs = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train_teacher", "KILLED")]
     with folder_lock(workdir / "models" / "teacher", "the next training"):
         pass
