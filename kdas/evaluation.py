@@ -37,12 +37,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from kdas.data.manifest import data_id  # noqa: E402
 from kdas.inference import Segmenter  # noqa: E402
 from kdas.maps import PREPARATIONS, THRESHOLD, prepare  # noqa: E402
 from kdas.io import atomic_path, binarise, read_mask, read_rgb, write_text  # noqa: E402
+from kdas.progress import Progress  # noqa: E402
 from kdas.metrics import Evaluator  # noqa: E402
 from kdas.models import count_macs, count_parameters  # noqa: E402
 
@@ -119,7 +119,8 @@ def evaluate_model(seg: Segmenter, manifest: pd.DataFrame, out_dir: str | Path, 
     for dataset, rows in tests.groupby("dataset", sort=True):
         evaluator, paper = Evaluator(), Evaluator()
         records = list(rows.itertuples())
-        for start in tqdm(range(0, len(records), batch_size), desc=f"evaluate {dataset}", unit="batch", disable=None):
+        progress = Progress(range(0, len(records), batch_size), f"evaluate {dataset}")
+        for start in progress:
             chunk = records[start : start + batch_size]
             images = [read_rgb(r.image_path) for r in chunk]
             for r, image, logits in zip(chunk, images, seg.logits(images, batch_size)):
@@ -128,6 +129,8 @@ def evaluate_model(seg: Segmenter, manifest: pd.DataFrame, out_dir: str | Path, 
                 evaluator.add(str(r.id), pred, truth)
                 paper.add(str(r.id), to_8bit(prepare(logits, "published")), truth)
                 cases.append((error_at(pred, truth, threshold), str(dataset), r.image_path, truth, pred))
+            progress.step(len(chunk))
+        progress.close()
         summary = evaluator.summary()
         metrics[str(dataset)] = {k: summary[k] for k in HEADLINE} | {"images": len(evaluator)}
         published[str(dataset)] = {k: paper.summary()[k] for k in HEADLINE} | {"images": len(paper)}

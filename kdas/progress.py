@@ -1,6 +1,7 @@
-"""Progress inside an epoch: a tqdm bar on a terminal; elsewhere (a pipe, the Prefect flow's
-log, CI) one log line every EVERY_S seconds with images/s, the running loss and the epoch's ETA,
-so that slow can be told from hung."""
+"""Progress of long work (a training epoch, validation, evaluation, decoding a dataset): a
+tqdm bar on a terminal; elsewhere (a pipe, the Prefect flow's log, CI) one log line every
+EVERY_S seconds with the rate, the running figures (a loss) and the ETA, so that slow can be
+told from hung."""
 
 from __future__ import annotations
 
@@ -23,29 +24,31 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    """Wraps a loader: `for batch in progress: ...; progress.step(n_images, lambda: {"loss": ...})`.
+    """Wraps an iterable of steps: `for batch in progress: ...; progress.step(n_images, lambda: {"loss": ...})`.
+    `step_name` names a step in the log line ("batch 3/40"), `unit` what `step` counts ("12.5 images/s").
     The figures are a callable, called only when they are shown: reading a loss off a GPU
     waits for it, so a training step must not do it every batch. `enabled=False` (other
     ranks of a distributed run) shows nothing."""
 
-    def __init__(self, iterable: Iterable, desc: str, *, total: int | None = None, enabled: bool = True, every: float | None = None):
-        self.desc, self.enabled = desc, enabled
+    def __init__(self, iterable: Iterable, desc: str, *, total: int | None = None, enabled: bool = True, every: float | None = None,
+                 step_name: str = "batch", unit: str = "images"):
+        self.desc, self.enabled, self.step_name, self.unit = desc, enabled, step_name, unit
         self.every = EVERY_S if every is None else every
         self.terminal = enabled and sys.stderr.isatty()
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.total = total
-        self.bar = tqdm(iterable, desc=desc, total=total, unit="batch", leave=False, disable=not self.terminal)
-        self.steps = self.images = 0
+        self.bar = tqdm(iterable, desc=desc, total=total, unit=step_name, leave=False, disable=not self.terminal)
+        self.steps = self.count = 0
         self.started = self.last = time.monotonic()
 
     def __iter__(self) -> Iterator:
         return iter(self.bar)
 
-    def step(self, images: int, figures: Callable[[], dict[str, float]] | None = None) -> None:
-        """One batch done: `images` in it; `figures()` (e.g. the running loss) when shown."""
+    def step(self, count: int = 1, figures: Callable[[], dict[str, float]] | None = None) -> None:
+        """One step done, of `count` units (images); `figures()` (e.g. the running loss) when shown."""
         self.steps += 1
-        self.images += images
+        self.count += count
         now = time.monotonic()
         if self.terminal:
             if figures is not None and now - self.last >= REFRESH_S:
@@ -56,7 +59,8 @@ class Progress:
             return
         self.last = now
         elapsed = now - self.started
-        parts = [f"batch {self.steps}/{self.total}" if self.total else f"batch {self.steps}", f"{self.images / elapsed:.1f} images/s"]
+        done = f"{self.step_name} {self.steps}/{self.total}" if self.total else f"{self.step_name} {self.steps}"
+        parts = [done, f"{self.count / elapsed:.1f} {self.unit}/s"]
         parts += [f"{k} {v:.4f}" for k, v in (figures() if figures else {}).items()]
         if self.total:
             parts.append(f"ETA {clock(elapsed / self.steps * (self.total - self.steps))}")

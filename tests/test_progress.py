@@ -2,12 +2,12 @@
 
 import logging
 
-from kdas.training import progress as progress_mod
-from kdas.training.progress import Progress
+from kdas import progress as progress_mod
+from kdas.progress import Progress
 
 
 def test_periodic_line_off_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="kdas.training.progress")
+    caplog.set_level(logging.INFO, logger="kdas.progress")
     progress = Progress(range(4), "teacher epoch 1/2", every=0.0)  # pytest's stderr is no terminal
     for _ in progress:
         progress.step(8, lambda: {"loss": 0.5})
@@ -29,7 +29,7 @@ def test_figures_are_read_only_when_shown(monkeypatch):
 
 
 def test_quiet_between_periods_and_on_other_ranks(caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="kdas.training.progress")
+    caplog.set_level(logging.INFO, logger="kdas.progress")
     monkeypatch.setattr(progress_mod, "EVERY_S", 3600.0)
     for enabled in (True, False):
         progress = Progress([1, 2, 3], "val", enabled=enabled)

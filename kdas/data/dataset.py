@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, DistributedSampler
-from tqdm import tqdm
 
 from kdas.data.transforms import seed_augment, train_augment
 from kdas.maps import resize
 from kdas.io import binarise, read_mask, read_rgb
+from kdas.progress import Progress
 
 
 def _load(image_path: str, mask_path: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,12 @@ class PolypDataset(Dataset):
         paths = list(zip(rows["image_path"], rows["mask_path"]))
         self.ids = list(rows["dataset"].astype(str) + "/" + rows["id"].astype(str))
         with ThreadPoolExecutor(workers) as pool:
-            self.cache = list(tqdm(pool.map(lambda p: _load(*p, size), paths), total=len(paths), desc="decode", unit="img", disable=None, leave=False))
+            progress = Progress(pool.map(lambda p: _load(*p, size), paths), f"decode {len(paths)} images", total=len(paths), step_name="image")
+            self.cache = []
+            for pair in progress:
+                self.cache.append(pair)
+                progress.step()
+            progress.close()
 
     def __len__(self) -> int:
         return len(self.cache)

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
-from kdas.checkpoint import load_model, save_model
+from kdas.checkpoint import load_model, save_model, save_torch
 from kdas.config import DistillParams, RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.device import autocast, autocast_dtype, select_device, tune_for_training
@@ -41,7 +41,7 @@ from kdas.metrics import Evaluator, mean_dice
 from kdas.models import OUTPUT_STRIDE, create_model
 from kdas.training.curves import plot_history
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
-from kdas.training.progress import Progress, clock
+from kdas.progress import Progress, clock
 from kdas.training.task import SegmentationTask
 
 log = logging.getLogger(__name__)
@@ -219,8 +219,7 @@ class Trainer:
             "best_epoch": self.best_epoch, "history": self.history, "rng": _rng_state(),
             "model_config": self.model.config(), "fingerprint": self.fingerprint,
         }
-        with atomic_path(self.out_dir / LAST) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, self.out_dir / LAST)
 
     def load_last(self) -> None:
         path = self.out_dir / LAST
