@@ -9,8 +9,12 @@ Run it once (an ephemeral Prefect server starts by itself):
 
 Stages are never defined here: each task runs `dvc repro --single-item <stage>`, so DVC
 keeps its cache and lineage and skips a stage whose inputs did not change. SIGTERM or
-SIGINT to the flow is passed on to the running stage (and all it started) and waited for,
-so DVC's lock is released before the flow stops.
+SIGINT to the flow (or a cancellation by a Prefect worker) is passed on to the running stage
+(and all it started) and waited for, so DVC's lock is released before the flow stops.
+
+Several runs at once (two clones, a worker with --limit 2): register -> promote of one
+model is one run at a time, under a global concurrency limit held by the Prefect server,
+and each run promotes exactly the version it registered.
 """
 
 from __future__ import annotations
@@ -40,9 +44,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client-side SDK telemetr
 # start on a busy 2-core machine: the main job then failed before its first stage
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_client, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
+from prefect.concurrency.sync import concurrency  # noqa: E402
+from prefect.exceptions import ObjectAlreadyExists  # noqa: E402
 
 from kdas import tracking  # noqa: E402
 from kdas.config import Params, load_params, profile_updates, set_params  # noqa: E402
@@ -50,8 +57,10 @@ from kdas.provenance import dvc_hashes  # noqa: E402
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
 STOP_GRACE_S = 30  # how long a signalled stage may take to exit before it is killed
+# the lease of the registry lock: renewed while held, so it only bounds how long a run that
+# died (SIGKILL, a lost machine) keeps the lock before the server frees it
+REGISTRY_LEASE_S = 120
 
-_children: set[subprocess.Popen] = set()  # the commands running now (each leads its own process group)
 _git_hints: set[str] = set()  # files DVC asks to `git add`, said once at the end of the flow
 
 # a `kdas` command's own log line ("INFO kdas.x: message"): Prefect adds its own prefix and level
@@ -99,7 +108,6 @@ def _run(cmd: list[str], workspace: Path) -> list[str]:
     # its own process group: a signal forwarded to it reaches dvc and the stage it runs
     proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    _children.add(proc)
     lines: list[str] = []
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -110,8 +118,11 @@ def _run(cmd: list[str], workspace: Path) -> list[str]:
                 if message is not None:
                     logger.log(level, message)
         proc.wait()
-    finally:
-        _children.discard(proc)
+    except BaseException as exc:
+        # the flow is stopping: a signal (as an exception: ours, or Prefect's TerminationSignal,
+        # whose handler replaces ours during a flow run) or a cancellation; its command stops first
+        _stop(proc, signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM)
+        raise
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(lines[-15:]))
     return lines
@@ -135,19 +146,17 @@ def _log_level(line: str) -> tuple[int, str | None]:
     return logging.INFO, line
 
 
-def _stop_children(signum: int, frame: object) -> None:
-    """Pass the signal on to every running command's process group, wait until all of them
-    have exited (DVC then no longer holds its lock), then stop the flow."""
+def _stop(child: subprocess.Popen, signum: int) -> None:
+    """Pass the signal on to a command's process group, wait until all of it has exited (DVC
+    then no longer holds its lock), and kill what is left after STOP_GRACE_S."""
     procs = []
-    for child in list(_children):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            procs += [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        procs = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signum)
     deadline = time.monotonic() + STOP_GRACE_S
-    for child in list(_children):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(max(0.0, deadline - time.monotonic()))
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(STOP_GRACE_S)
 
     def alive(p: psutil.Process) -> bool:  # an exited orphan may stay a zombie where nothing reaps it
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -159,6 +168,9 @@ def _stop_children(signum: int, frame: object) -> None:
     for p in filter(alive, procs):
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+
+
+def _raise_on_signal(signum: int, frame: object) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
@@ -166,13 +178,35 @@ def _stop_children(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def forwarding_signals() -> Iterator[None]:
-    """Within: SIGTERM and SIGINT stop the running stage cleanly, then the flow (main thread only)."""
-    previous = {sig: signal.signal(sig, _stop_children) for sig in (signal.SIGTERM, signal.SIGINT)}
+    """Within: SIGTERM and SIGINT raise in the main thread, so the running stage is stopped
+    cleanly (see _run), then the flow. Prefect's engine puts its own SIGTERM handler over this
+    one during a flow run; it raises too, with the same effect."""
+    previous = {sig: signal.signal(sig, _raise_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def registry_lock(name: str) -> Iterator[None]:
+    """Register -> promote of model `name`, one flow run at a time across clones and workers:
+    a global concurrency limit of 1 on the Prefect server (created on first use), held under a
+    lease, so a run that dies frees it. A file lock would hold on one machine only."""
+    lock = f"kdas-registry-{name}"
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):  # made by another run meanwhile
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock, limit=1))
+        limit = client.read_global_concurrency_limit_by_name(lock)
+    if limit.limit != 1 or not limit.active:
+        raise RuntimeError(f"Prefect global concurrency limit {lock} is {'inactive' if not limit.active else f'at {limit.limit}'}; "
+                           f"registrations of {name} need it active at 1: `prefect gcl update {lock} --limit 1 --enable`")
+    logger = get_run_logger()
+    started = time.monotonic()
+    with concurrency(lock, occupy=1, strict=True, lease_duration=REGISTRY_LEASE_S):
+        logger.info("registry lock %s held (waited %.0f s)", lock, time.monotonic() - started)
+        yield
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE)
@@ -190,9 +224,14 @@ def register(role: str, workspace: Path) -> bool:
     return run_stage.fn(f"register@{role}", workspace)
 
 
+def registered_version(role: str, workspace: Path) -> str:
+    """The version this workspace's register stage recorded (reports/register/<role>.json)."""
+    return str(json.loads((workspace / "reports" / "register" / f"{role}.json").read_text())["version"])
+
+
 @task(name="promote", task_run_name="promote@{role}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def promote(role: str, workspace: Path) -> dict:
-    _run([sys.executable, "-m", "kdas", "promote", "--role", role], workspace)
+def promote(role: str, version: str, workspace: Path) -> dict:
+    _run([sys.executable, "-m", "kdas", "promote", "--role", role, "--version", version], workspace)
     return json.loads((workspace / "reports" / "promotion" / f"{role}.json").read_text())
 
 
@@ -287,10 +326,13 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
             ran["distill"] = run_stage("distill", root)
             for role in roles:
                 ran[f"evaluate@{role}"] = run_stage(f"evaluate@{role}", root)
-                ran[f"register@{role}"] = register(role, root)
             names = {"teacher": params.register.teacher_name, "student": params.register.student_name}
-            champions = {role: champion(names[role]) for role in roles}
-            decisions = {role: promote(role, root) for role in roles}
+            champions, decisions = {}, {}
+            for role in roles:
+                with registry_lock(names[role]):
+                    ran[f"register@{role}"] = register(role, root)
+                    champions[role] = champion(names[role])
+                    decisions[role] = promote(role, registered_version(role, root), root)
         summary = _summary(root, params, decisions, champions, [s for s, r in ran.items() if not r])
         create_markdown_artifact(key="retrain-summary", markdown=summary, description="kdas retrain: data, metrics, promotion")
         print(summary)
