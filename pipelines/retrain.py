@@ -49,7 +49,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
 from prefect.concurrency.sync import concurrency  # noqa: E402
-from prefect.exceptions import ObjectAlreadyExists  # noqa: E402
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound  # noqa: E402
 
 from kdas import tracking  # noqa: E402
 from kdas.config import Params, load_params, profile_updates, set_params  # noqa: E402
@@ -192,13 +192,18 @@ def forwarding_signals() -> Iterator[None]:
 @contextlib.contextmanager
 def registry_lock(name: str) -> Iterator[None]:
     """Register -> promote of model `name`, one flow run at a time across clones and workers:
-    a global concurrency limit of 1 on the Prefect server (created on first use), held under a
-    lease, so a run that dies frees it. A file lock would hold on one machine only."""
+    a global concurrency limit of 1 on the Prefect server (a team creates it with its work
+    pools, `prefect gcl create kdas-registry-NAME --limit 1`; a first run creates it where it
+    is missing), held under a lease, so a run that dies frees it. A file lock would hold on
+    one machine only."""
     lock = f"kdas-registry-{name}"
     with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):  # made by another run meanwhile
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock, limit=1))
-        limit = client.read_global_concurrency_limit_by_name(lock)
+        try:
+            limit = client.read_global_concurrency_limit_by_name(lock)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # made by another run meanwhile
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock, limit=1))
+            limit = client.read_global_concurrency_limit_by_name(lock)
     if limit.limit != 1 or not limit.active:
         raise RuntimeError(f"Prefect global concurrency limit {lock} is {'inactive' if not limit.active else f'at {limit.limit}'}; "
                            f"registrations of {name} need it active at 1: `prefect gcl update {lock} --limit 1 --enable`")
