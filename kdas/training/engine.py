@@ -3,12 +3,14 @@
 What makes it trustworthy:
 - the model is selected on the held-out `val` split (meanDic of the standard protocol),
   never on a test set; early stopping watches the same number;
-- the teacher is frozen: eval mode, no gradients, its forward under `no_grad`;
+- the teacher is frozen: eval mode, no gradients, its forward under `inference_mode`;
 - every epoch ends with an atomic checkpoint of everything that moves (weights,
   optimiser, scheduler, scaler, RNG states, history), so a run killed at any moment
   resumes to the same result as an uninterrupted one (on CPU, same seed);
 - gradients are clipped by value like the official code (`clip_gradient`), the
-  learning-rate decay really fires, and flips/rotations really augment (train.augment).
+  learning-rate decay really fires, and flips/rotations really augment (train.augment);
+- an epoch's order and augmentations follow from the seed and the epoch alone
+  (`SeededSampler`), whatever the number of loader workers.
 """
 
 from __future__ import annotations
