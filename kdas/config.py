@@ -17,6 +17,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from kdas.stride import OUTPUT_STRIDE
+
 DEFAULT_PARAMS = Path("params.yaml")
 # A dataset is one plain folder under data/raw: no path, no '.', '..' (`kdas data import --name`, data.datasets)
 DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -259,8 +261,6 @@ def check_size_range(size: Any, where: str) -> None:
 
 def check_image_size(size: Any, where: str) -> None:
     """check_size_range, and a multiple of the models' output stride."""
-    from kdas.models import OUTPUT_STRIDE
-
     check_size_range(size, where)
     if size % OUTPUT_STRIDE:
         below = size // OUTPUT_STRIDE * OUTPUT_STRIDE

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The decoder reads strides 4, 8, 16 and 32: inputs must be multiples of this.
-OUTPUT_STRIDE = 32
+from kdas.stride import OUTPUT_STRIDE
+
 #: Normalisation of backbones whose timm config names none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
