@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                 teacher_uri=args.teacher_uri, nproc_per_node=args.nproc_per_node)
     print("\nWhere to look:\n"
           f"  reports:  {Path(args.workspace, 'reports').resolve()}/ (validation.html, evaluate/*/grid.png ...)\n"
-          "  DVC:      dvc metrics show; dvc plots show (writes dvc_plots/index.html: open it in a browser)\n"
+          "  DVC:      dvc metrics show; kdas plots (dvc_plots/index.html, offline, and reports/plots/*.png)\n"
           "  MLflow:   mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db  ->  http://127.0.0.1:5000\n"
           "  Prefect:  prefect server start  ->  http://127.0.0.1:4200 (flow runs are kept in the local Prefect "
           "database and show there)")
