@@ -76,7 +76,10 @@ def test_sigterm_to_the_flow_stops_its_running_stage(project: Path) -> None:
     assert code != 0 and time.monotonic() - started < 45, log.read_text()[-3000:]
     for proc in tree:  # dvc, the training and all they started: gone (or an exited zombie)
         assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, proc
-    assert not (project / "models" / "teacher" / "best.pt").exists()
+    # the stage never finished: no report (a best.pt of a finished epoch may stay, like last.ckpt, for --resume),
+    # and DVC recorded nothing
+    assert not (project / "models" / "teacher" / "metrics.json").exists()
+    assert "train_teacher" not in ((project / "dvc.lock").read_text() if (project / "dvc.lock").exists() else "")
     again = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "synth"], cwd=project, env=tool_environ(),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr  # DVC's lock is free
