@@ -310,7 +310,7 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
     check_weights(spec.weights, resolve_backbone(spec.arch, spec.backbone))  # in seconds, before MLflow or data
     out = out or Path("models") / role
     # the student draws from distill.seed, so a seed sweep re-trains students and reuses the teacher
-    train_params = params.train if distill is None else dataclasses.replace(params.train, seed=distill.seed)
+    train_params = params.train.for_role(role) if distill is None else dataclasses.replace(params.train, seed=distill.seed)
     job = TrainJob(role=role, model=spec, manifest=read_manifest(kw["manifest"]), out_dir=out, train=train_params, distill=distill,
                    teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
     # SIGTERM ends training as SIGINT does, through its cleanups: the MLflow run ends KILLED, not RUNNING forever

@@ -78,6 +78,14 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class TeacherTraining:
+    """Where the teacher's training differs from the student's (None: as `train`)."""
+
+    epochs: int | None
+    image_size: int | None
+
+
+@dataclass(frozen=True)
 class TrainParams:
     image_size: int
     batch_size: int
@@ -96,6 +104,13 @@ class TrainParams:
     compile: bool
     augment: bool
     weighted_bce: bool
+    teacher: TeacherTraining = TeacherTraining(epochs=None, image_size=None)
+
+    def for_role(self, role: str) -> TrainParams:
+        """The settings `role` trains with: the teacher's own epochs and input size where set."""
+        if role != "teacher":
+            return self
+        return dataclasses.replace(self, epochs=self.teacher.epochs or self.epochs, image_size=self.teacher.image_size or self.image_size)
 
 
 @dataclass(frozen=True)
@@ -248,6 +263,11 @@ def _check_values(params: Params, where: str) -> None:
             raise ParamsError(f"{where}: register.{key} = {getattr(params.register, key)!r}: use letters, digits, '.', '_' "
                               "or '-' (at most 100)")
     check_image_size(params.train.image_size, f"{where}: train.image_size")
+    teacher = params.train.teacher
+    if teacher.epochs is not None and not 1 <= teacher.epochs <= _RANGES["train.epochs"][1]:
+        raise ParamsError(f"{where}: train.teacher.epochs = {teacher.epochs!r} must be null (as train.epochs) or at least 1")
+    if teacher.image_size is not None:
+        check_image_size(teacher.image_size, f"{where}: train.teacher.image_size")
 
 
 def check_size_range(size: Any, where: str) -> None:
@@ -277,6 +297,7 @@ _SUBTYPES: dict[tuple[type, str], type] = {
     (ModelParams, "teacher"): RoleModel,
     (ModelParams, "student"): RoleModel,
     (Params, "train"): TrainParams,
+    (TrainParams, "teacher"): TeacherTraining,
     (Params, "distill"): DistillParams,
     (Params, "evaluate"): EvaluateParams,
     (Params, "register"): RegisterParams,

@@ -54,11 +54,24 @@ def test_a_number_written_as_text_is_refused_with_the_fix(params_file):
     ("train.image_size", 100, r"train\.image_size = 100 must be a multiple of 32 \(nearest: 96 or 128\)"),
     ("distill.method", "kd", r"distill\.method must be one of none, sgm, kdas"),
     ("train.multiscale", [], r"train\.multiscale must be a non-empty list"),
+    ("train.teacher.image_size", 300, r"train\.teacher\.image_size = 300 must be a multiple of 32 \(nearest: 288 or 320\)"),
+    ("train.teacher.epochs", 0, r"train\.teacher\.epochs = 0 must be null \(as train\.epochs\) or at least 1"),
 ])
 def test_out_of_range_values_are_refused_at_load(params_file, key, value, message):
     edit(params_file, key, value)
     with pytest.raises(ParamsError, match=message):
         load_params(params_file)
+
+
+def test_the_teachers_own_epochs_and_size_apply_to_the_teacher_alone(params_file):
+    p = load_params(params_file)
+    assert p.train.for_role("teacher") == p.train  # null: as the student
+    edit(params_file, "train.teacher.epochs", 40)
+    edit(params_file, "train.teacher.image_size", p.train.image_size + 64)
+    p = load_params(params_file)
+    teacher = p.train.for_role("teacher")
+    assert (teacher.epochs, teacher.image_size) == (40, p.train.image_size + 64)
+    assert p.train.for_role("student") == p.train and teacher.lr == p.train.lr
 
 
 def test_set_params_writes_keys_in_place_keeping_comments(params_file):

@@ -44,7 +44,7 @@ def test_a_key_given_twice_is_one_line_also_for_params_use(workdir):
         load_params(workdir / "params.yaml")
     result = CliRunner().invoke(main, ["params", "use", "paper"])
     assert result.exit_code == 1 and result.output.startswith("error: params.yaml: key 'epochs' given twice")
-    assert len(result.output.strip().splitlines()) == 1 and (workdir / "params.yaml").read_text().count("  epochs: ") == 2
+    assert len(result.output.strip().splitlines()) == 1 and (workdir / "params.yaml").read_text().count("\n  epochs: ") == 2
 
 
 def test_yaml_anchors_within_the_bound_still_load(workdir):

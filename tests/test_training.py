@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -101,6 +102,33 @@ def test_distillation_keeps_the_teacher_frozen(manifest, tmp_path, method):
     assert h["train_sgm"] > 0 and (h["train_attention"] > 0) == (method == "kdas")
     after = torch.load(teacher_file, weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_larger_teacher_sees_the_frames_at_its_size(manifest, tmp_path):
+    """A teacher saved at 96 px distils into a 64-px student: it gets 96-px batches, the
+    student 64-px ones, and the loss compares maps at the student's size."""
+    teacher_file = save_model(tmp_path / "teacher.pt", create_model("polyp_pvt_tiny"), image_size=96)
+    seen: dict[str, set[int]] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("kdas.training.task.SegmentationTask._teacher_maps", _spying(seen))
+        result = train(job(manifest, tmp_path / "out", distill=dataclasses.replace(NONE, method="kdas"), teacher=teacher_file,
+                           train=dataclasses.replace(TINY, epochs=1, multiscale=[0.5, 1.0])))
+    assert seen["teacher"] == {64, 96} and seen["student"] == {32, 64}  # each model at its size, per scale
+    assert math.isfinite(result.history[0]["train_attention"]) and result.history[0]["train_attention"] > 0
+    assert load_model(tmp_path / "out" / "best.pt").image_size == 64
+
+
+def _spying(seen: dict):
+    """SegmentationTask._teacher_maps, recording the teacher's input size and the student's map size."""
+    from kdas.training.task import SegmentationTask
+
+    real = SegmentationTask._teacher_maps
+
+    def spy(self, images, size):
+        seen.setdefault("teacher", set()).add(images.shape[-1])
+        seen.setdefault("student", set()).add(size[-1])
+        return real(self, images, size)
+    return spy
 
 
 def test_distillation_without_a_teacher_is_refused(manifest, tmp_path):

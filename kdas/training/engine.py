@@ -129,6 +129,14 @@ def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def resized(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """`batch` at `size` x `size` (itself when it is that size already); antialiased when
+    shrinking, as a resize of the frame itself would be."""
+    if batch.shape[-1] == size:
+        return batch
+    return F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=True, antialias=size < batch.shape[-1])
+
+
 def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batches from the loader to float on `device`: images in [0, 1] and channels_last
     (what the convolutions run fastest on, CPU and GPU), masks {0, 1}."""
@@ -186,10 +194,15 @@ class Trainer:
         spec = job.model
         self.model = create_model(spec.arch, backbone=spec.backbone, pretrained=spec.weights, drop_path_rate=spec.drop_path_rate)
         self.model.to(self.device, memory_format=torch.channels_last)
-        teacher = load_model(job.teacher, self.device).model.to(memory_format=torch.channels_last) if job.method != "none" and job.teacher is not None else None
-        self.task = SegmentationTask(job.distill, p.weighted_bce, teacher, precision=lambda: autocast(self.device, p.amp), compile=p.compile)
+        teacher = load_model(job.teacher, self.device) if job.method != "none" and job.teacher is not None else None
+        self.task = SegmentationTask(job.distill, p.weighted_bce, teacher and teacher.model.to(memory_format=torch.channels_last),
+                                     precision=lambda: autocast(self.device, p.amp), compile=p.compile)
+        # a teacher trained at a larger size sees the frames at its size: batches load at the
+        # larger of the two sizes, and each model gets them resized to its own
+        self.teacher_size = teacher.image_size if teacher is not None else p.image_size
+        load_size = max(p.image_size, self.teacher_size)
 
-        self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=p.augment, workers=max(1, p.workers))
+        self.train_data = PolypDataset(_rows(job.manifest, "train"), load_size, augment=p.augment, workers=max(1, p.workers))
         self.val_data = PolypDataset(_rows(job.manifest, "val"), p.image_size, augment=False, workers=max(1, p.workers))
         self.sampler = SeededSampler(self.train_data, p.seed, num_replicas=self.world.size, rank=self.world.rank)
         # persistent workers: forked once, not every epoch (each fork costs seconds with the cache).
@@ -255,14 +268,14 @@ class Trainer:
         p = self.job.train
         self.net.train()
         self.sampler.set_epoch(epoch)
-        sizes = [scaled_size(p.image_size, scale) for scale in p.multiscale]
+        scales = len(p.multiscale)
         sums: dict[str, torch.Tensor] = {}
         n_images, data_time = 0, 0.0
         total = len(self.loader) if self.job.max_steps is None else min(len(self.loader), self.job.max_steps)
         bar = Progress(self.loader, f"{self.job.role} epoch {epoch + 1}/{p.epochs}", total=total, enabled=self.world.is_main)
 
         def running() -> dict[str, float]:
-            return {k: float(v) / max(1, n_images * len(sizes)) for k, v in sums.items()}
+            return {k: float(v) / max(1, n_images * scales) for k, v in sums.items()}
 
         started = time.perf_counter()
         batches = iter(bar)
@@ -273,12 +286,10 @@ class Trainer:
             data_time += time.perf_counter() - tick
             with record_function("copy"):
                 images, masks = to_device(images, masks, self.device)
-            for size in sizes:
-                x, y = images, masks
-                if size != p.image_size:
-                    x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
-                    y = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=True)
-                losses = self.task(self.net, x, y)
+            for scale in p.multiscale:
+                x, y = resized(images, scaled_size(p.image_size, scale)), resized(masks, scaled_size(p.image_size, scale))
+                teacher_x = resized(images, scaled_size(self.teacher_size, scale)) if self.teacher_size != p.image_size else None
+                losses = self.task(self.net, x, y, teacher_x)
                 with record_function("backward"):
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(losses["loss"]).backward()
@@ -298,7 +309,7 @@ class Trainer:
             **{f"train_{k}": v for k, v in running().items()},
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": images / seconds if seconds else 0.0,
-            "passes_per_s": images * len(sizes) / seconds if seconds else 0.0,  # an image at 3 scales is 3 passes
+            "passes_per_s": images * scales / seconds if seconds else 0.0,  # an image at 3 scales is 3 passes
             "data_wait_share": data_time / seconds if seconds else 0.0,
         }
 

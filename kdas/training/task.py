@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -34,16 +35,23 @@ class SegmentationTask:
         self.teacher = teacher.requires_grad_(False).eval() if self.distill is not None else None
         self.loss = torch.compile(distillation_loss) if compile else distillation_loss
 
-    def _teacher_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _teacher_maps(self, images: Tensor, size: torch.Size) -> tuple[Tensor, ...]:
+        """The teacher's maps of `images`, at the student's map `size` (a teacher may see the frames larger)."""
         with record_function("teacher"), torch.inference_mode():
             maps = self.teacher(images)
+            if maps[0].shape[-2:] != size:
+                maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
         return tuple(m.clone() for m in maps)  # inference tensors cannot be saved for backward
 
-    def __call__(self, net: nn.Module, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
+    def __call__(self, net: nn.Module, images: Tensor, masks: Tensor, teacher_images: Tensor | None = None) -> dict[str, Tensor]:
+        """`teacher_images`: the same frames at the teacher's size, where it differs from the student's."""
         with self.precision():
             with record_function("forward"):
                 student = net(images)
-            teacher = self._teacher_maps(images) if self.teacher is not None else None
+            if self.teacher is not None:
+                teacher = self._teacher_maps(images if teacher_images is None else teacher_images, student[0].shape[-2:])
+            else:
+                teacher = None
         d = self.distill
         with record_function("loss"):
             if d is None:
