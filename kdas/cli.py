@@ -17,6 +17,7 @@ import click
 
 from kdas.config import DistillParams, Params, load_params, serving_limits
 from kdas.maps import THRESHOLD
+from kdas.methods import METHODS
 
 ROLES = ("teacher", "student")
 RAW = Path("data/raw")
@@ -352,7 +353,7 @@ def train_teacher(ctx: click.Context, out: Path | None, **kw) -> None:
 @train.command("student")
 @click.option("--teacher", "teacher_ref", default="models/teacher/best.pt", show_default=True,
               help="The teacher: a model file or an MLflow model URI (models:/kdas-teacher@champion).")
-@click.option("--method", type=click.Choice(["none", "sgm", "kdas"]), help="Override distill.method.")
+@click.option("--method", type=click.Choice(METHODS), help="Override distill.method.")
 @_train_options
 @click.pass_context
 def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out: Path | None, **kw) -> None:

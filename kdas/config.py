@@ -17,6 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from kdas.methods import ATTENTIONS, METHODS
 from kdas.stride import OUTPUT_STRIDE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -234,8 +235,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "serve.max_rows": (1, 1e4), "serve.max_pixels": (1, 1e10), "serve.threshold": (0, 1),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "distill.method": ("none", "sgm", "kdas"),
-    "distill.attention": ("spatial", "pairwise"),
+    "distill.method": METHODS,
+    "distill.attention": ATTENTIONS,
 }
 
 

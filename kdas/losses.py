@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("none", "sgm", "kdas")
-ATTENTIONS = ("spatial", "pairwise")
+from kdas.methods import ATTENTIONS, METHODS
 
 
 def _check_map(name: str, x: Tensor) -> None:
