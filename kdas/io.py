@@ -11,14 +11,15 @@ marker file is in it) or it is empty: never a user's folder or a parent of datas
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -115,26 +116,37 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
-    """Hold the lock of an output folder while writing into it: a second writer (a second
-    training into the same --out, or one started beside an orphan of a killed `dvc repro`)
-    stops at once, named. The OS releases the lock when the process ends, SIGKILL included;
-    the lock file stays (deleting it would let two writers lock two different files)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".kdas.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+def exclusive(path: str | Path, holder: str, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold the OS lock of file `path` while the block runs, with `holder` written in it; a
+    second process gets `busy(who holds it)` at once. The OS releases the lock when the
+    process ends, SIGKILL included; the file stays (deleting it would let two processes lock
+    two different files)."""
+    path = Path(path)
+    lock = FileLock(path, timeout=0)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderBusyError(f"{folder}: {path.read_text().strip() or 'another process'} is writing into it; wait for it "
-                                  "to end or stop it, or write elsewhere (--out)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} ({holder})\n".encode())
+        lock.acquire()
+    except Timeout:
+        raise busy(path.read_text().strip() or "another process") from None
+    try:
+        path.write_text(f"pid {os.getpid()} ({holder})\n")
         yield
     finally:
-        os.close(fd)
+        lock.release()
+
+
+def folder_lock(folder: str | Path, holder: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock of an output folder while writing into it: a second writer (a second
+    training into the same --out, or one started beside an orphan of a killed `dvc repro`)
+    stops at once, named."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return exclusive(folder / ".kdas.lock", holder, lambda who: FolderBusyError(
+        f"{folder}: {who} is writing into it; wait for it to end or stop it, or write elsewhere (--out)"))
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -10,7 +10,6 @@ scratch. A kept archive is checked again before it is reused, and fetched again 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import zipfile
@@ -22,6 +21,7 @@ import requests
 from tqdm import tqdm
 
 from kdas.data.catalog import CATALOG, CatalogEntry
+from kdas.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,6 @@ CHUNK = 1 << 20
 
 class FetchError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download(url: str, part: Path, timeout: float) -> int | None:
@@ -66,7 +58,7 @@ def _check(path: Path, entry: CatalogEntry, total: int | None) -> str | None:
     expected = entry.size or total
     if expected is not None and size != expected:
         return f"size {size} bytes, expected {expected}"
-    if entry.sha256 and (digest := _sha256(path)) != entry.sha256:
+    if entry.sha256 and (digest := file_sha256(path)) != entry.sha256:
         return f"sha256 {digest}, expected {entry.sha256}"
     try:
         with zipfile.ZipFile(path) as zf:

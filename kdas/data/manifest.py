@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from kdas.config import SplitParams
 from kdas.data.splits import assign_splits
-from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, binarise, nonbinary_fraction, open_image, read_mask, to_rgb
+from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, binarise, file_sha256, nonbinary_fraction, open_image, read_mask, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,7 @@ FILE_KEY = ["image_path", "image_sha256", "mask_path", "mask_sha256"]
 
 
 def sha256(path: str) -> str:
-    if not path:
-        return ""
-    with open(path, "rb") as fh:  # in blocks: a file is not held in memory whole
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    return file_sha256(path) if path else ""
 
 
 def phash(grey: np.ndarray) -> int:
