@@ -34,6 +34,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -241,6 +242,15 @@ def _plot_grid(cases: list, n: int, path: Path, threshold: float = THRESHOLD) ->
     _save(fig, path)
 
 
+def _dice_limits(scores: list[float], least_span: float = 0.1) -> tuple[float, float]:
+    """y limits around `scores` spanning at least `least_span`, within [0, 1]: a 0.0002
+    difference must not fill the whole axis."""
+    lo, hi = min(scores), max(scores)
+    pad = max((least_span - (hi - lo)) / 2, 0.1 * (hi - lo))
+    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)
+    return (lo, max(hi, lo + least_span)) if lo == 0.0 else (min(lo, hi - least_span), hi)
+
+
 def plot_comparison(out_dir: Path, path: Path) -> None:
     """Teacher vs student: each test set's meanDic (and their mean) against parameters, GMACs and
     latency, from reports/evaluate/{teacher,student}/metrics.json (out_dir and its sibling);
@@ -262,8 +272,14 @@ def plot_comparison(out_dir: Path, path: Path) -> None:
                     ax.scatter(m["efficiency"][key], m["datasets"][d]["meanDic"], marker=markers.get(role, "o"), color=colours[d], zorder=3)
         ax.set(xlabel=label, title=f"meanDic against {label.split(' (')[0]}")
         ax.set_xscale("log")
+        # ticks at the models themselves, plainly labelled (log minor labels overlapped)
+        values = sorted({m["efficiency"][key] for m in roles.values()})
+        ax.set_xticks(values, [f"{v:.3g}" for v in values])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.15)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("meanDic (calibrated maps, test sets)")
+    axes[0].set_ylim(*_dice_limits([m["datasets"][d]["meanDic"] for m in roles.values() for d in m["datasets"]]))
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=colours[d], lw=2, label=d) for d in datasets]
     handles += [Line2D([], [], color="grey", marker=markers.get(r, "o"), ls="", label=r) for r in roles]
