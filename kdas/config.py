@@ -1,23 +1,28 @@
 """params.yaml read once into typed objects.
 
-Every default lives in params.yaml; the dataclasses here only give it types, so a key
-that is missing, misspelt, of the wrong type or out of range fails at load time, with the
-key named, before any data is read. Named profiles (`profiles:` in params.yaml) are sets of
-dotted keys that `kdas params use NAME` writes into the file.
+Every default lives in params.yaml; the pydantic dataclasses here give it types and ranges
+(beside each field), so a key that is missing, misspelt, of the wrong type or out of range
+fails at load time, as one line naming the file and the key, before any data is read. They
+validate the same way when code builds them (`DistillParams("none", ...)`,
+`dataclasses.replace`). Named profiles (`profiles:` in params.yaml) are sets of dotted keys
+that `kdas params use NAME` writes into the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, get_args
 
 import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
 
-from kdas.methods import ATTENTIONS, METHODS
+from kdas.methods import Attention, Method
 from kdas.stride import OUTPUT_STRIDE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -29,83 +34,96 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # "alias bomb": kdas's loader shares them, DVC's expands them and runs out of memory)
 MAX_YAML_VALUES = 10_000
 
+# Values as YAML typed them: '1e-4' (text to YAML) is no float, true is no int, "yes" no
+# bool; an int is a float (lr: 1). Sections are mappings, and unknown keys are refused.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+Fraction = Annotated[Float, Field(ge=0, le=1)]
+Seed = Annotated[Int, Field(ge=0, le=2**32 - 1)]
+# A network input size: also all a model file or an ONNX export may declare (check_size_range)
+ImageSize = Annotated[Int, Field(ge=32, le=4096)]
+# Validators are built on first use: importing kdas.config (for check_image_size, say) stays cheap
+SCHEMA = ConfigDict(extra="forbid", defer_build=True)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=SCHEMA)
 class SynthParams:
-    n_images: int
-    size: int
-    empty_fraction: float
-    seed: int
+    n_images: Annotated[Int, Field(ge=3, le=10**6)]
+    size: Annotated[Int, Field(ge=32, le=4096)]
+    empty_fraction: Fraction
+    seed: Seed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class SplitParams:
-    val_fraction: float
-    test_fraction: float
-    seed: int
+    val_fraction: Annotated[Float, Field(ge=0, le=0.9)]
+    test_fraction: Annotated[Float, Field(ge=0, le=0.9)]
+    seed: Seed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class DataParams:
-    datasets: list[str]
+    datasets: list[Str]  # each a DATASET_NAME (checked at load)
     synth: SynthParams
     split: SplitParams
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class ValidationParams:
-    min_size: int
-    max_size: int
-    max_nonbinary_fraction: float
-    max_foreground_fraction: float
-    near_duplicate_distance: int
+    min_size: Annotated[Int, Field(ge=1, le=10**5)]
+    max_size: Annotated[Int, Field(ge=1, le=10**5)]
+    max_nonbinary_fraction: Fraction
+    max_foreground_fraction: Fraction
+    near_duplicate_distance: Annotated[Int, Field(ge=0, le=64)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class RoleModel:
     """One role's model: `arch` a kdas.models name (`polyp_pvt` takes any timm `backbone`),
     `weights` none | hub | a local backbone file, the backbone's stochastic depth."""
 
-    arch: str
-    backbone: str | None
-    weights: str
-    drop_path_rate: float
+    arch: Str
+    backbone: Str | None
+    weights: Str
+    drop_path_rate: Fraction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class ModelParams:
     teacher: RoleModel
     student: RoleModel
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class TeacherTraining:
     """Where the teacher's training differs from the student's (None: as `train`)."""
 
-    epochs: int | None
-    image_size: int | None
+    epochs: Annotated[Int | None, Field(ge=1, le=10**5, description="as train.epochs")]
+    image_size: Annotated[Int | None, Field(ge=32, le=4096, description="as train.image_size")]  # a multiple of OUTPUT_STRIDE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class TrainParams:
-    image_size: int
-    batch_size: int
-    epochs: int
-    lr: float
-    weight_decay: float
-    grad_clip: float
-    multiscale: list[float]
-    lr_decay: float
-    decay_epochs: int
-    patience: int
-    seed: int
-    workers: int
-    nproc_per_node: int
-    amp: bool
-    compile: bool
-    augment: bool
-    weighted_bce: bool
-    teacher: TeacherTraining = TeacherTraining(epochs=None, image_size=None)
+    image_size: ImageSize  # a multiple of OUTPUT_STRIDE (checked at load)
+    batch_size: Annotated[Int, Field(ge=1, le=10**5)]
+    epochs: Annotated[Int, Field(ge=1, le=10**5)]
+    lr: Annotated[Float, Field(ge=1e-12, le=10)]
+    weight_decay: Annotated[Float, Field(ge=0, le=10)]
+    grad_clip: Annotated[Float, Field(ge=1e-9, le=1e9)]
+    multiscale: list[Float]  # non-empty, each in [0.25, 4] (checked at load)
+    lr_decay: Annotated[Float, Field(ge=1e-9, le=1)]
+    decay_epochs: Annotated[Int, Field(ge=1, le=10**6)]
+    patience: Annotated[Int, Field(ge=1, le=10**6)]
+    seed: Seed
+    workers: Annotated[Int, Field(ge=0, le=256)]
+    nproc_per_node: Annotated[Int, Field(ge=1, le=1024)]
+    amp: Bool
+    compile: Bool
+    augment: Bool
+    weighted_bce: Bool
+    teacher: TeacherTraining = field(default_factory=lambda: TeacherTraining(epochs=None, image_size=None))
 
     def for_role(self, role: str) -> TrainParams:
         """The settings `role` trains with: the teacher's own epochs and input size where set."""
@@ -114,44 +132,44 @@ class TrainParams:
         return dataclasses.replace(self, epochs=self.teacher.epochs or self.epochs, image_size=self.teacher.image_size or self.image_size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class DistillParams:
-    method: str
-    attention: str
-    alpha: float
-    tau: float
-    pool_stride: int
-    seed: int
+    method: Method
+    attention: Attention
+    alpha: Fraction
+    tau: Annotated[Float, Field(ge=1e-6, le=1e3)]
+    pool_stride: Annotated[Int, Field(ge=1, le=64)]
+    seed: Seed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class EvaluateParams:
-    batch_size: int
-    grid_size: int
+    batch_size: Annotated[Int, Field(ge=1, le=10**5)]
+    grid_size: Annotated[Int, Field(ge=1, le=100)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class GateParams:
-    metric: str
-    margin: float
-    floor: float
+    metric: Str
+    margin: Fraction
+    floor: Fraction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class RegisterParams:
-    student_name: str
-    teacher_name: str
+    student_name: Str  # each a MODEL_NAME (checked at load)
+    teacher_name: Str
     gate: GateParams
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class ServeParams:
-    max_rows: int
-    max_pixels: int
-    threshold: float
+    max_rows: Annotated[Int, Field(ge=1, le=10**4)]
+    max_pixels: Annotated[Int, Field(ge=1, le=10**10)]
+    threshold: Fraction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Params:
     data: DataParams
     validation: ValidationParams
@@ -161,98 +179,82 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     serve: ServeParams
-    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profiles: dict[Str, dict[Str, Any]] = field(default_factory=dict)
 
 
 class ParamsError(ValueError):
     """params.yaml does not match the schema."""
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not dataclasses.is_dataclass(cls):
-        return raw
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(raw) - set(known)
+@functools.cache
+def _params_schema() -> TypeAdapter[Params]:
+    return TypeAdapter(Params)
+
+
+def _field(loc: tuple[Any, ...]) -> FieldInfo | None:
+    """The Params field at `loc` (an error's location: section, key, ...), if it is one."""
+    cls, info = Params, None
+    for part in loc:
+        known = getattr(cls, "__pydantic_fields__", {})
+        if not isinstance(part, str) or part not in known:
+            return None
+        info = known[part]
+        cls = info.annotation
+    return info
+
+
+def _bounds(info: FieldInfo) -> tuple[Any, Any]:
+    """A field's [ge, le] range, as declared beside it."""
+    return next(m.ge for m in info.metadata if hasattr(m, "ge")), next(m.le for m in info.metadata if hasattr(m, "le"))
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool", "list_type": "list",
+               "dict_type": "a mapping", "dataclass_type": "a mapping", "dataclass_args_type": "a mapping"}
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """An error's location as the key in params.yaml: train.lr, train.multiscale[0]."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p != "[key]").lstrip(".")
+
+
+def _one_line(exc: ValidationError, where: str) -> str:
+    """The first of pydantic's errors as one line naming the file and the dotted key; unknown
+    keys first, all those of one mapping together (pydantic lists them last, one by one)."""
+    errors = exc.errors(include_url=False)
+    unknown = [e for e in errors if e["type"] in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")]
+    err = (unknown or errors)[0]
+    loc, value, kind = err["loc"], err["input"], err["type"]
+    key, section = _dotted(loc), f"{where}: {_dotted(loc[:-1])}: " if loc[:-1] else f"{where}: "
     if unknown:
-        raise ParamsError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    kwargs = {}
-    hints = get_type_hints(cls)
-    for name, f in known.items():
-        if name not in raw:
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                continue
-            raise ParamsError(f"{where}: missing key '{name}'")
-        sub = _SUBTYPES.get((cls, name))
-        kwargs[name] = _build(sub, raw[name], f"{where}.{name}") if sub else _typed(raw[name], hints[name], f"{where}.{name}")
-    return cls(**kwargs)
-
-
-def _typed(value: Any, hint: Any, where: str) -> Any:
-    """`value` if it is of type `hint` (ints pass as floats), else a ParamsError naming the key."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        for option in args:
-            try:
-                return _typed(value, option, where)
-            except ParamsError:
-                pass
-    elif origin is list:
-        if isinstance(value, list):
-            return [_typed(v, args[0], f"{where}[{k}]") for k, v in enumerate(value)]
-    elif origin is dict or hint is Any:
-        if hint is Any or isinstance(value, dict):
-            return value
-    elif hint is type(None):
-        if value is None:
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, hint):
-        return value
-    name = getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
-    raise ParamsError(f"{where}: expected {name}, got {value!r} ({type(value).__name__}); e.g. write 1.0e-4, not '1e-4' (YAML reads that as text)"
-                      if isinstance(value, str) and hint is float else f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
-
-
-# Ranges checked at load time, so that a bad value stops a command before any data is read.
-_RANGES: dict[str, tuple[float, float]] = {
-    "data.synth.n_images": (3, 1e6), "data.synth.size": (32, 4096), "data.synth.empty_fraction": (0, 1),
-    "data.split.val_fraction": (0, 0.9), "data.split.test_fraction": (0, 0.9),
-    "validation.min_size": (1, 1e5), "validation.max_size": (1, 1e5), "validation.max_nonbinary_fraction": (0, 1),
-    "validation.max_foreground_fraction": (0, 1), "validation.near_duplicate_distance": (0, 64),
-    "model.teacher.drop_path_rate": (0, 1), "model.student.drop_path_rate": (0, 1),
-    "train.image_size": (32, 4096), "train.batch_size": (1, 1e5), "train.epochs": (1, 1e5), "train.lr": (1e-12, 10),
-    "train.weight_decay": (0, 10), "train.grad_clip": (1e-9, 1e9), "train.lr_decay": (1e-9, 1), "train.decay_epochs": (1, 1e6),
-    "train.patience": (1, 1e6), "train.seed": (0, 2**32 - 1), "train.workers": (0, 256), "train.nproc_per_node": (1, 1024),
-    "distill.alpha": (0, 1), "distill.tau": (1e-6, 1e3), "distill.pool_stride": (1, 64), "distill.seed": (0, 2**32 - 1),
-    "evaluate.batch_size": (1, 1e5), "evaluate.grid_size": (1, 100), "register.gate.floor": (0, 1), "register.gate.margin": (0, 1),
-    "serve.max_rows": (1, 1e4), "serve.max_pixels": (1, 1e10), "serve.threshold": (0, 1),
-}
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "distill.method": METHODS,
-    "distill.attention": ATTENTIONS,
-}
+        names = sorted((e["loc"][-1] for e in unknown if e["loc"][:-1] == loc[:-1]), key=str)
+        mapping = _field(loc[:-1])
+        known = sorted(getattr(mapping.annotation if mapping else Params, "__pydantic_fields__", {}))
+        return f"{section}unknown key(s) {names}; known: {known}"
+    if kind == "missing":
+        return f"{section}missing key '{loc[-1]}'"
+    info = _field(loc)
+    nullable = info is not None and type(None) in get_args(info.annotation)
+    if kind in ("greater_than_equal", "less_than_equal") and info is not None:
+        lo, hi = _bounds(info)
+        if nullable:  # the description says what null means
+            bound = f"at least {_num(lo)}" if value < lo else f"at most {_num(hi)}"
+            return f"{where}: {key} = {value!r} must be null ({info.description}) or {bound}"
+        return f"{where}: {key} = {value!r} is out of range [{_num(lo)}, {_num(hi)}]"
+    if kind == "literal_error" and info is not None:
+        return f"{where}: {key} must be one of {', '.join(get_args(info.annotation))}, not {value!r}"
+    if kind in _TYPE_NAMES:
+        expected = _TYPE_NAMES[kind] + " or null" * nullable
+        hint = "; e.g. write 1.0e-4, not '1e-4' (YAML reads that as text)" if kind == "float_type" and isinstance(value, str) else ""
+        return f"{where}: {key + ': ' if key else ''}expected {expected}, got {value!r} ({type(value).__name__}){hint}"
+    return f"{where}: {key}: {err['msg']}"
 
 
 def _check_values(params: Params, where: str) -> None:
-    def get(dotted: str) -> Any:
-        value: Any = params
-        for key in dotted.split("."):
-            value = getattr(value, key)
-        return value
-
-    for key, (lo, hi) in _RANGES.items():
-        if not lo <= get(key) <= hi:
-            raise ParamsError(f"{where}: {key} = {get(key)!r} is out of range [{lo:g}, {hi:g}]")
-    for key, choices in _CHOICES.items():
-        if get(key) not in choices:
-            raise ParamsError(f"{where}: {key} must be one of {', '.join(choices)}, not {get(key)!r}")
+    """What one field's type cannot say: lists' items, names, sizes against the stride."""
     if not params.train.multiscale or any(not 0.25 <= s <= 4 for s in params.train.multiscale):
         raise ParamsError(f"{where}: train.multiscale must be a non-empty list of scales in [0.25, 4], e.g. [0.75, 1.0, 1.25]")
     for name in params.data.datasets:
@@ -264,20 +266,17 @@ def _check_values(params: Params, where: str) -> None:
             raise ParamsError(f"{where}: register.{key} = {getattr(params.register, key)!r}: use letters, digits, '.', '_' "
                               "or '-' (at most 100)")
     check_image_size(params.train.image_size, f"{where}: train.image_size")
-    teacher = params.train.teacher
-    if teacher.epochs is not None and not 1 <= teacher.epochs <= _RANGES["train.epochs"][1]:
-        raise ParamsError(f"{where}: train.teacher.epochs = {teacher.epochs!r} must be null (as train.epochs) or at least 1")
-    if teacher.image_size is not None:
-        check_image_size(teacher.image_size, f"{where}: train.teacher.image_size")
+    if params.train.teacher.image_size is not None:
+        check_image_size(params.train.teacher.image_size, f"{where}: train.teacher.image_size")
 
 
 def check_size_range(size: Any, where: str) -> None:
     """A network input size within train.image_size's range: also all a model file or an
     ONNX export may declare (a file declaring 20000 px made a predict allocate gigabytes, 0
     gave a cv2 traceback). Torch-free, for the onnxruntime path."""
-    lo, hi = _RANGES["train.image_size"]
+    lo, hi = _bounds(TrainParams.__pydantic_fields__["image_size"])
     if not isinstance(size, int) or isinstance(size, bool) or not lo <= size <= hi:
-        raise ParamsError(f"{where} = {size!r} is out of range [{lo:g}, {hi:g}]")
+        raise ParamsError(f"{where} = {size!r} is out of range [{_num(lo)}, {_num(hi)}]")
 
 
 def check_image_size(size: Any, where: str) -> None:
@@ -287,24 +286,6 @@ def check_image_size(size: Any, where: str) -> None:
         below = size // OUTPUT_STRIDE * OUTPUT_STRIDE
         raise ParamsError(f"{where} = {size} must be a multiple of {OUTPUT_STRIDE} "
                           f"(nearest: {max(below, OUTPUT_STRIDE)} or {below + OUTPUT_STRIDE})")
-
-
-_SUBTYPES: dict[tuple[type, str], type] = {
-    (Params, "data"): DataParams,
-    (DataParams, "synth"): SynthParams,
-    (DataParams, "split"): SplitParams,
-    (Params, "validation"): ValidationParams,
-    (Params, "model"): ModelParams,
-    (ModelParams, "teacher"): RoleModel,
-    (ModelParams, "student"): RoleModel,
-    (Params, "train"): TrainParams,
-    (TrainParams, "teacher"): TeacherTraining,
-    (Params, "distill"): DistillParams,
-    (Params, "evaluate"): EvaluateParams,
-    (Params, "register"): RegisterParams,
-    (RegisterParams, "gate"): GateParams,
-    (Params, "serve"): ServeParams,
-}
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -353,7 +334,10 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if _expanded_values(raw) > MAX_YAML_VALUES:
         raise ParamsError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values (an alias bomb?); write the "
                           "values out instead")
-    params = _build(Params, raw, str(path))
+    try:
+        params = _params_schema().validate_python(raw)
+    except ValidationError as exc:
+        raise ParamsError(_one_line(exc, str(path))) from None
     _check_values(params, str(path))
     return params
 

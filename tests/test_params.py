@@ -3,15 +3,17 @@ profile overlay of `kdas params use`. Each test works on its own copy of the pro
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from conftest import ROOT
 from kdas.cli import main
-from kdas.config import ParamsError, load_params, set_params, use_profile
+from kdas.config import DistillParams, ParamsError, TeacherTraining, TrainParams, load_params, set_params, use_profile
 
 
 @pytest.fixture
@@ -61,6 +63,52 @@ def test_out_of_range_values_are_refused_at_load(params_file, key, value, messag
     edit(params_file, key, value)
     with pytest.raises(ParamsError, match=message):
         load_params(params_file)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.epochs", True, r"params\.yaml: train\.epochs: expected int, got True \(bool\)$"),  # a bool is no int
+    ("train.epochs", 3.0, r"train\.epochs: expected int, got 3\.0 \(float\)$"),
+    ("train.amp", "yes", r"train\.amp: expected bool, got 'yes' \(str\)$"),
+    ("model.student.backbone", 5, r"model\.student\.backbone: expected str or null, got 5 \(int\)$"),
+    ("data.datasets", [1], r"data\.datasets\[0\]: expected str, got 1 \(int\)$"),
+    ("train.teacher", 5, r"params\.yaml: train\.teacher: expected a mapping, got 5 \(int\)$"),
+    ("train.teacher.epochs", 10**6, r"train\.teacher\.epochs = 1000000 must be null \(as train\.epochs\) or at most 100000$"),
+    ("distill.attention", "both", r"distill\.attention must be one of spatial, pairwise, not 'both'$"),
+    ("distill.seed", -1, r"distill\.seed = -1 is out of range \[0, 4294967295\]$"),
+])
+def test_wrong_types_and_values_are_one_line_naming_the_key(params_file, key, value, message):
+    edit(params_file, key, value)
+    with pytest.raises(ParamsError, match=message) as info:
+        load_params(params_file)
+    assert "\n" not in str(info.value)
+
+
+def test_an_int_is_a_float_and_a_missing_key_is_named(params_file):
+    edit(params_file, "train.lr", 1)
+    assert load_params(params_file).train.lr == 1.0 and isinstance(load_params(params_file).train.lr, float)
+    raw = yaml.safe_load(params_file.read_text())
+    del raw["train"]["lr"], raw["serve"]
+    raw["train"]["b"] = raw["train"]["a"] = 1
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"params\.yaml: train: unknown key\(s\) \['a', 'b'\]; known: "):  # unknown keys first, together
+        load_params(params_file)
+    del raw["train"]["a"], raw["train"]["b"]
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"params\.yaml: train: missing key 'lr'$"):
+        load_params(params_file)
+
+
+def test_params_built_in_code_are_checked_the_same_way(params_file):
+    p = load_params(params_file)
+    assert DistillParams("none", "spatial", 0.3, 2, 8, 0).tau == 2.0
+    assert TrainParams(**dataclasses.asdict(p.train)) == p.train  # nested sections from their dicts
+    assert dataclasses.replace(p.train, epochs=3).teacher == TeacherTraining(None, None)
+    for bad in (lambda: DistillParams("kd", "spatial", 0.3, 2.0, 8, 0), lambda: dataclasses.replace(p.train, epochs=0),
+                lambda: dataclasses.replace(p.train, amp="yes"), lambda: dataclasses.replace(p.distill, alpha="0.5")):
+        with pytest.raises(ValidationError):
+            bad()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.train.epochs = 3  # type: ignore[misc]
 
 
 def test_the_teachers_own_epochs_and_size_apply_to_the_teacher_alone(params_file):
