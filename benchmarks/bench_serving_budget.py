@@ -48,10 +48,10 @@ def log_models(root: Path) -> dict[str, str]:
     """The tiny model logged with each serving config; returns runs:/ URIs."""
     import mlflow
 
-    from kdas import tracking
     from kdas.checkpoint import save_model
     from kdas.config import load_params, serving_limits
     from kdas.models import create_model
+    from kdas.tracking.served import log_segmenter
 
     model_file = save_model(root / "tiny.pt", create_model("polyp_pvt_tiny"), image_size=64, info={})
     uris = {}
@@ -59,7 +59,7 @@ def log_models(root: Path) -> dict[str, str]:
     limits = serving_limits(params.serve, params.validation.max_size)
     for label, config in (("budget (params.yaml)", limits), ("no budget", limits | UNBOUNDED)):
         with mlflow.start_run():
-            info = tracking.log_segmenter(model_file, serving_config=config)
+            info = log_segmenter(model_file, serving_config=config)
             uris[label] = info.model_uri
     return uris
 

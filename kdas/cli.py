@@ -294,11 +294,12 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
     """`distill` None: the ground truth alone, and no distill.* key read (the teacher's stage does not depend on them)."""
     import hashlib
 
-    from kdas import tracking
     from kdas.data.manifest import data_id, read_manifest
     from kdas.io import folder_lock
     from kdas.models import resolve_backbone
     from kdas.models.registry import check_weights
+    from kdas.tracking.runs import TrainingLog, bound_http_waits, stage_run
+    from kdas.tracking.store import tracking_uri
     from kdas.training import TrainJob, train as run_train
 
     params = params_of(ctx)
@@ -321,14 +322,14 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
         run_train(job)
         return
     logged = {"role": role, "teacher": str(teacher or ""), "train": train_params, "model": spec, **({"distill": distill} if distill else {})}
-    tracking.bound_http_waits()  # a tracking server that dies mid-training costs seconds per epoch, not the training
+    bound_http_waits()  # a tracking server that dies mid-training costs seconds per epoch, not the training
     with folder_lock(out, f"kdas train {role}"), \
-            tracking.stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
+            stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
         # what the model file records of its origin: its MLflow run, its data, its teacher
         job.info = {"mlflow_run_id": run.info.run_id, "train_data": data_id(job.manifest[job.manifest["split"].isin(["train", "val"])])}
         if teacher is not None and job.method != "none":
             job.info |= {"teacher": str(teacher), "teacher_sha256": hashlib.sha256(Path(teacher).read_bytes()).hexdigest()}
-        job.on_epoch = epochs = tracking.TrainingLog()
+        job.on_epoch = epochs = TrainingLog()
         result = run_train(job)
         epochs({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
         for name in ("history.csv", "history.png", "metrics.json"):  # the weights go to the registry (kdas register)
@@ -337,7 +338,7 @@ def _run_training(ctx: click.Context, role: str, distill: DistillParams | None, 
     click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {job.method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
     click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'} "
                f"(picture: {out / 'history.png'})")
-    click.echo(f"  MLflow:  run {run.info.run_id} in {tracking.tracking_uri()}")
+    click.echo(f"  MLflow:  run {run.info.run_id} in {tracking_uri()}")
     if missing := epochs.unlogged():
         click.secho(f"warning: {missing}", fg="yellow", err=True)
 
@@ -362,11 +363,11 @@ def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out:
     none: the student alone on the ground truth; sgm: + symmetrical guiding;
     kdas: + attention supervision + symmetrical guiding.
     """
-    from kdas import tracking
+    from kdas.tracking.references import resolve_model_file
 
     distill = params_of(ctx).distill
     distill = dataclasses.replace(distill, method=method or distill.method)
-    teacher = None if distill.method == "none" else tracking.resolve_model_file(teacher_ref)
+    teacher = None if distill.method == "none" else resolve_model_file(teacher_ref)
     _run_training(ctx, "student", distill, out, teacher, **kw)
 
 
@@ -393,22 +394,23 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     per_image.csv, curves.csv/.png, datasets.csv/.png, grid.png (worst and best cases, overlaid
     at threshold 0.5) and compare.png (teacher vs student, once both roles are evaluated).
     """
-    from kdas import tracking
     from kdas.data.manifest import read_manifest
     from kdas.evaluation import evaluate_model
     from kdas.inference import Segmenter
+    from kdas.tracking.references import resolve_model_file
+    from kdas.tracking.runs import log_artifacts, log_metrics, model_run
 
     params = params_of(ctx)
     model_ref = model_ref or f"models/{role}/best.pt"
     out = out or REPORTS / "evaluate" / role
-    model_file = tracking.resolve_model_file(model_ref)
+    model_file = resolve_model_file(model_ref)
     seg = Segmenter.load(model_file, device)
-    with tracking.model_run(seg.info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate},
+    with model_run(seg.info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate},
                            dvc_stage=f"evaluate@{role}"):
         result = evaluate_model(seg, read_manifest(manifest), out, batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
-        tracking.log_metrics({"test": result["datasets"], "test_published": result["published"],
-                              "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})
-        tracking.log_artifacts(out, artifact_path=f"evaluate/{role}")
+        log_metrics({"test": result["datasets"], "test_published": result["published"],
+                     "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})
+        log_artifacts(out, artifact_path=f"evaluate/{role}")
     table = "\n".join(f"  {d:<20} meanDic {m['meanDic']:.4f} (published maps {result['published'][d]['meanDic']:.4f})  "
                       f"meanIoU {m['meanIoU']:.4f}  wFm {m['wFm']:.4f}  Sm {m['Sm']:.4f}  MAE {m['mae']:.4f}"
                       for d, m in result["datasets"].items())
@@ -453,8 +455,8 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     The version is logged in the model's training run and carries its data, commit, params
     and metrics; registering the same model file again adds no version.
     """
-    from kdas import tracking
     from kdas.io import write_text
+    from kdas.tracking.registry import register_model
 
     params = params_of(ctx)
     model_file = model_file or Path("models") / role / "best.pt"
@@ -464,8 +466,8 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     evaluation = json.loads(metrics_file.read_text())
     tests = {d: m for d, m in evaluation["datasets"].items() if d != "mean"}
     name = _registry_name(ctx, role)
-    version = tracking.register_model(model_file, name, tests, evaluation_data=evaluation["data"], teacher_name=params.register.teacher_name,
-                                      serving_config=serving_limits(params.serve, params.validation.max_size))
+    version = register_model(model_file, name, tests, evaluation_data=evaluation["data"], teacher_name=params.register.teacher_name,
+                             serving_config=serving_limits(params.serve, params.validation.max_size))
     out = out or REPORTS / "register" / f"{role}.json"
     write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri}, indent=2))
     again = " (this model file was registered before: no new version)" if version.existed else ""
@@ -488,8 +490,9 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
     """
     from dataclasses import asdict
 
-    from kdas import tracking
     from kdas.io import write_text
+    from kdas.tracking import registry
+    from kdas.tracking.references import resolve_model_file
 
     params = params_of(ctx)
 
@@ -500,7 +503,7 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
         from kdas.inference import Segmenter
 
         click.echo(f"{uri} was scored on other data: evaluating it on this workspace's test sets first")
-        seg = Segmenter.load(tracking.resolve_model_file(uri))
+        seg = Segmenter.load(resolve_model_file(uri))
         result = evaluate_model(seg, read_manifest(MANIFEST), REPORTS / "promotion" / f"{role}-champion",
                                 batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
         return result["datasets"]["mean"], result["data"]
@@ -513,7 +516,7 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
             raise click.ClickException(f"{registered}: no version of {name} registered here; run `kdas register --role {role}` "
                                        "first, or pass --version")
         version = str(record["version"])
-    decision = tracking.promote(name, params.register.gate, evaluate_champion, version=version)
+    decision = registry.promote(name, params.register.gate, evaluate_champion, version=version)
     out = out or REPORTS / "promotion" / f"{role}.json"
     write_text(out, json.dumps(asdict(decision), indent=2))
     verdict = "promoted" if decision.promoted else "not promoted"
@@ -525,10 +528,10 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
 @click.pass_context
 def rollback(ctx: click.Context, role: str) -> None:
     """Put `champion` back on the version that held it before."""
-    from kdas import tracking
+    from kdas.tracking import registry
 
     name = _registry_name(ctx, role)
-    version = tracking.rollback(name)
+    version = registry.rollback(name)
     click.echo(f"{name}: champion is version {version} again")
 
 
@@ -563,13 +566,14 @@ def predict(ctx: click.Context, images: tuple[Path, ...], model_ref: str | None,
 
         seg = OnnxSegmenter.load(model_ref, device)
     else:
-        from kdas import tracking
         from kdas.inference import Segmenter
+        from kdas.tracking.references import resolve_model_file
+        from kdas.tracking.registry import version_summary
 
-        model_file = tracking.resolve_model_file(model_ref)
+        model_file = resolve_model_file(model_ref)
         seg = Segmenter.load(model_file, device)
         info = seg.info
-        click.echo(tracking.version_summary(model_ref) or
+        click.echo(version_summary(model_ref) or
                    f"model {model_file}: trained on {info.get('train_data', 'unknown data')} (MLflow run {info.get('mlflow_run_id', '?')})")
     # in a project, the sides params.yaml allows (a 9000 px square PNG of 258 KB took 8 GB); elsewhere, the pixel bound alone
     max_side = params_of(ctx).validation.max_size if Path(ctx.find_root().obj["params_path"]).exists() else None
@@ -606,16 +610,17 @@ def export_cmd(model_ref: str, out: Path, int8: bool, manifest: Path, calibratio
     """
     import tempfile
 
-    from kdas import export, tracking
+    from kdas import export
     from kdas.data.manifest import read_manifest
+    from kdas.tracking.references import is_model_uri, resolve_model_file
 
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"{out}: the output must be a .onnx file")
     images = None
     if int8:  # the calibration set first: a missing manifest fails before the export's seconds
         images = export.calibration_images(read_manifest(manifest), calibration_images, seed)
-    model_file = tracking.resolve_model_file(model_ref)
-    source = model_ref if tracking.is_model_uri(model_ref) else str(model_file)
+    model_file = resolve_model_file(model_ref)
+    source = model_ref if is_model_uri(model_ref) else str(model_file)
     if not int8:
         export.export_onnx(model_file, out, source=source)
     else:

@@ -51,9 +51,11 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa:
 from prefect.concurrency.sync import concurrency  # noqa: E402
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound  # noqa: E402
 
-from kdas import tracking  # noqa: E402
 from kdas.config import Params, load_params, profile_updates, set_params  # noqa: E402
 from kdas.provenance import dvc_hashes  # noqa: E402
+from kdas.tracking.references import resolve_model_file  # noqa: E402
+from kdas.tracking.registry import CHAMPION, champion_metrics  # noqa: E402
+from kdas.tracking.runs import pipeline_run  # noqa: E402
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
 STOP_GRACE_S = 30  # how long a signalled stage may take to exit before it is killed
@@ -243,14 +245,14 @@ def promote(role: str, version: str, workspace: Path) -> dict:
 @task(name="champion", task_run_name="champion@{name}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def champion(name: str) -> dict | None:
     """The version in production before this run, with its metrics (for the summary)."""
-    return tracking.champion_metrics(name)
+    return champion_metrics(name)
 
 
 @task(name="reuse teacher", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def reuse_teacher(workspace: Path, uri: str) -> None:
     """Put the registered teacher where the distill stage reads it."""
     with contextlib.chdir(workspace):
-        source = tracking.resolve_model_file(uri)
+        source = resolve_model_file(uri)
         target = Path("models/teacher/best.pt")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
@@ -315,8 +317,8 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
         if updates and set_params(updates, root / "params.yaml"):
             get_run_logger().info("params.yaml updated: %s", updates)
             params = load_params(root / "params.yaml")
-        with tracking.pipeline_run("retrain", {"profile": profile or "", "datasets": params.data.datasets,
-                                               "retrain_teacher": retrain_teacher}):
+        with pipeline_run("retrain", {"profile": profile or "", "datasets": params.data.datasets,
+                                      "retrain_teacher": retrain_teacher}):
             stages = (["synth"] if "synth" in params.data.datasets else []) + ["manifest"]
             ran = {s: run_stage(s, root) for s in stages}
             try:
@@ -327,7 +329,7 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
             if retrain_teacher:
                 ran["train_teacher"] = run_stage("train_teacher", root)
             else:
-                reuse_teacher(root, teacher_uri or f"models:/{params.register.teacher_name}@{tracking.CHAMPION}")
+                reuse_teacher(root, teacher_uri or f"models:/{params.register.teacher_name}@{CHAMPION}")
             ran["distill"] = run_stage("distill", root)
             for role in roles:
                 ran[f"evaluate@{role}"] = run_stage(f"evaluate@{role}", root)

@@ -111,7 +111,8 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_templat
     Yields the project folder. Combines with `workdir` (the same tmp_path)."""
     import mlflow
 
-    from kdas import tracking
+    from kdas.tracking.runs import PARENT_RUN_ENV
+    from kdas.tracking.store import EXPERIMENT_ENV
 
     db = tmp_path / "mlflow" / "mlflow.db"
     db.parent.mkdir(exist_ok=True)
@@ -121,8 +122,8 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_templat
     for key, value in MLFLOW_QUIET.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
-    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
-    monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv(EXPERIMENT_ENV, raising=False)
     yield tmp_path
     while mlflow.active_run():  # never leak a run into the next test
         mlflow.end_run()

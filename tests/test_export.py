@@ -249,12 +249,12 @@ def test_export_refuses_an_output_that_is_not_onnx(tiny, tmp_path):
 def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(tiny, mlflow_store):
     import mlflow
 
-    from kdas import tracking
     from kdas.codec import decode_mask, encode_image
+    from kdas.tracking.registry import register_model
 
     model_file, onnx_file = tiny
-    version = tracking.register_model(model_file, "kdas-onnx-test", {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test",
-                                      serving_config={**SERVE, "runtime": "onnxruntime", "device": "cpu"})
+    version = register_model(model_file, "kdas-onnx-test", {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test",
+                             serving_config={**SERVE, "runtime": "onnxruntime", "device": "cpu"})
     client = mlflow.tracking.MlflowClient()
     tags = client.get_model_version(version.name, version.version).tags
     assert tags["kdas.onnx"] == "artifacts/tiny.onnx"
@@ -270,6 +270,6 @@ def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(
     expected = [m >= 0.5 for m in Segmenter.load(model_file, "cpu").predict(images)]
     assert all((a != b).mean() < 1e-3 for a, b in zip(masks, expected))
     with pytest.raises(ValueError, match="onnx=True"):
-        tracking.register_model(model_file, "kdas-onnx-test", {}, evaluation_data="synthetic-test",
-                                serving_config={**SERVE, "runtime": "onnxruntime"}, onnx=False)
+        register_model(model_file, "kdas-onnx-test", {}, evaluation_data="synthetic-test",
+                       serving_config={**SERVE, "runtime": "onnxruntime"}, onnx=False)
     assert json.dumps(meta)  # plain values only

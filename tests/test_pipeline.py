@@ -143,12 +143,12 @@ def test_second_run_with_nothing_changed_skips_the_training_stages(project, firs
 
 
 def test_reusing_the_registered_teacher_skips_teacher_training(project, first_run):
-    from kdas import tracking
+    from kdas.tracking.references import resolve_model_file
     from pipelines.retrain import retrain
 
     result = retrain(workspace=str(project), retrain_teacher=False)
     assert "train_teacher" not in result["ran"] and set(result["decisions"]) == {"student"}
-    champion = tracking.resolve_model_file("models:/kdas-teacher@champion")
+    champion = resolve_model_file("models:/kdas-teacher@champion")
     assert (project / "models" / "teacher" / "best.pt").read_bytes() == champion.read_bytes()
     assert result["ran"]["distill"] is False  # the same teacher: nothing to distil again
 

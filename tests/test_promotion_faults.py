@@ -18,10 +18,10 @@ from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from conftest import SERVE
-from kdas import tracking
 from kdas.checkpoint import save_model
 from kdas.config import GateParams
 from kdas.models import create_model
+from kdas.tracking.registry import RegistryError, promote, register_model, rollback
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -33,8 +33,8 @@ NAME = "student-faults"
 def register(folder: Path, n: int, score: float) -> str:
     torch.manual_seed(n)
     model = save_model(folder / f"model{n}.pt", create_model("polyp_pvt_tiny"), image_size=64, info={})
-    return tracking.register_model(model, NAME, {"synth": {"meanDic": score}}, evaluation_data=DATA, serving_config=SERVE,
-                                   onnx=False).version
+    return register_model(model, NAME, {"synth": {"meanDic": score}}, evaluation_data=DATA, serving_config=SERVE,
+                          onnx=False).version
 
 
 def state(version: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -49,22 +49,22 @@ def state(version: str) -> tuple[dict[str, str], dict[str, str]]:
 def champion_1(mlflow_store: Path) -> Path:
     """Version 1 promoted to champion."""
     register(mlflow_store, 1, 0.5)
-    assert tracking.promote(NAME, GATE, version="1").promoted
+    assert promote(NAME, GATE, version="1").promoted
     return mlflow_store
 
 
 KILLED_BEFORE_LAST_TAG = textwrap.dedent("""\
     import os
     from mlflow.tracking import MlflowClient
-    from kdas import tracking
     from kdas.config import GateParams
+    from kdas.tracking.registry import promote
     real = MlflowClient.set_model_version_tag
     def dies_before_the_decision(self, name, version, key, value):
         if key == "promotion.decision" and value != "pending":
             os._exit(9)  # killed: no handler, no cleanup
         return real(self, name, version, key, value)
     MlflowClient.set_model_version_tag = dies_before_the_decision
-    tracking.promote("%s", GateParams(metric="meanDic", margin=0.01, floor=0.2), version="2")
+    promote("%s", GateParams(metric="meanDic", margin=0.01, floor=0.2), version="2")
 """) % NAME
 
 
@@ -76,20 +76,20 @@ def test_a_promote_killed_before_its_last_tag_is_finished_by_the_next(champion_1
     assert aliases["champion"] == "2" and record["promotion.decision"] == "pending"  # never a decision it did not finish
     assert record["previous_champion"] == "1"
 
-    again = tracking.promote(NAME, GATE, version="2")
+    again = promote(NAME, GATE, version="2")
     assert again.promoted and again.champion_before == "1" and again.challenger_score == pytest.approx(0.7)
     assert "completed now" in again.reason
     aliases, record = state("2")
     assert aliases["champion"] == "2" and record["promotion.decision"] == "promoted"
     assert record["promotion.champion_before"] == "1"
-    third = tracking.promote(NAME, GATE, version="2")
+    third = promote(NAME, GATE, version="2")
     assert not third.promoted and "already is the champion" in third.reason
-    assert tracking.rollback(NAME) == "1"  # the completed record is a full one
+    assert rollback(NAME) == "1"  # the completed record is a full one
 
 
 def test_a_failed_champion_move_leaves_no_evidence_and_the_aliases(champion_1: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register(champion_1, 2, 0.3)
-    rejected = tracking.promote(NAME, GATE, version="2")  # 0.3 < 0.5 - margin: a record of its rejection
+    rejected = promote(NAME, GATE, version="2")  # 0.3 < 0.5 - margin: a record of its rejection
     assert not rejected.promoted
     before = state("2")
     assert before[1]["promotion.decision"] == "rejected"
@@ -103,7 +103,7 @@ def test_a_failed_champion_move_leaves_no_evidence_and_the_aliases(champion_1: P
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_to_move_the_champion)
     with pytest.raises(MlflowException, match="went away"):
-        tracking.promote(NAME, GateParams(metric="meanDic", margin=0.5, floor=0.2), version="2")  # passes this gate
+        promote(NAME, GateParams(metric="meanDic", margin=0.5, floor=0.2), version="2")  # passes this gate
     assert state("2") == before  # neither 'pending' nor the evidence of a promotion that did not happen
 
 
@@ -113,9 +113,9 @@ def test_the_champion_never_moves_to_a_version_with_incomplete_files(champion_1:
     model_file = next((stored / "artifacts").glob("*.pt"))
     model_file.write_bytes(model_file.read_bytes()[: os.path.getsize(model_file) // 2])  # a half-written copy
     before = state(version)
-    with pytest.raises(tracking.RegistryError, match=r"artifacts/model4\.pt .* is incomplete \(\d+ bytes, registered \d+\)"):
-        tracking.promote(NAME, GATE, version=version)
+    with pytest.raises(RegistryError, match=r"artifacts/model4\.pt .* is incomplete \(\d+ bytes, registered \d+\)"):
+        promote(NAME, GATE, version=version)
     assert state(version) == before and before[0]["champion"] == "1"
     model_file.unlink()
-    with pytest.raises(tracking.RegistryError, match=r"incomplete \(missing\)"):
-        tracking.promote(NAME, GATE, version=version)
+    with pytest.raises(RegistryError, match=r"incomplete \(missing\)"):
+        promote(NAME, GATE, version=version)

@@ -22,7 +22,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import MLFLOW_QUIET, SERVE, free_port, stop, wait_for_http
-from kdas import tracking
 from kdas.checkpoint import load_model, save_model
 from kdas.config import GateParams, SplitParams, SynthParams
 from kdas.data.manifest import build_manifest, data_id
@@ -30,6 +29,10 @@ from kdas.data.synth import write_synth
 from kdas.evaluation import evaluate_model
 from kdas.inference import Segmenter
 from kdas.models import create_model
+from kdas.tracking.references import resolve_model_file
+from kdas.tracking.registry import RegistryError, champion_metrics, promote, register_model, rollback, version_summary
+from kdas.tracking.runs import PARENT_RUN_ENV, stage_run
+from kdas.tracking.store import EXPERIMENT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -71,8 +74,8 @@ def project(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     for key, value in QUIET.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))  # resolve_model_file's downloads
-    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
-    monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv(EXPERIMENT_ENV, raising=False)
     return tmp_path
 
 
@@ -101,25 +104,25 @@ def version_tags(name: str, version: str) -> dict[str, str]:
 
 def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> None:
     name = "student-lifecycle"
-    v1 = tracking.register_model(tiny_model(project, 1), name, {"kvasir": {"meanDic": 0.6}, "cvc": {"meanDic": 0.6}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    v1 = register_model(tiny_model(project, 1), name, {"kvasir": {"meanDic": 0.6}, "cvc": {"meanDic": 0.6}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     assert (v1.name, v1.version) == (name, "1")
     assert aliases(name) == {"challenger": "1"}
     assert float(version_tags(name, "1")["metric.meanDic"]) == pytest.approx(0.6)
 
-    first = tracking.promote(name, GATE)
+    first = promote(name, GATE)
     assert first.promoted and first.challenger == "1" and first.champion_before is None
     assert aliases(name)["champion"] == "1"
 
-    tracking.register_model(tiny_model(project, 2), name, {"kvasir": {"meanDic": 0.9}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
-    better = tracking.promote(name, GATE)
+    register_model(tiny_model(project, 2), name, {"kvasir": {"meanDic": 0.9}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    better = promote(name, GATE)
     assert better.promoted
     assert (better.challenger, better.champion_before) == ("2", "1")
     assert better.challenger_score == pytest.approx(0.8) and better.champion_score == pytest.approx(0.6)
     assert aliases(name) == {"champion": "2", "challenger": "2"}
     assert version_tags(name, "2")["previous_champion"] == "1"
 
-    tracking.register_model(tiny_model(project, 3), name, {"kvasir": {"meanDic": 0.8}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
-    worse = tracking.promote(name, GATE)
+    register_model(tiny_model(project, 3), name, {"kvasir": {"meanDic": 0.8}, "cvc": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    worse = promote(name, GATE)
     assert not worse.promoted
     assert "0.7500 < champion 0.8000" in worse.reason
     assert aliases(name) == {"champion": "2", "challenger": "3"}  # unchanged but for the new challenger
@@ -131,25 +134,25 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> Non
     assert tags["promotion.champion_before"] == "2" and tags["promotion.champion_data"] == tags["promotion.challenger_data"] == DATA
     assert version_tags(name, "2")["promotion.decision"] == "promoted"
 
-    again = tracking.promote(name, GATE)  # deterministic: the same challenger is refused again
+    again = promote(name, GATE)  # deterministic: the same challenger is refused again
     assert not again.promoted and aliases(name)["champion"] == "2"
 
-    report = tracking.champion_metrics(name)
+    report = champion_metrics(name)
     assert report is not None and report["version"] == "2" and report["data"] == DATA
     assert report["metrics"]["meanDic"] == pytest.approx(0.8)
 
-    assert tracking.rollback(name) == "1"
+    assert rollback(name) == "1"
     assert aliases(name) == {"champion": "1", "challenger": "3"}
     assert "champion back to version 1" in version_tags(name, "2")["promotion.rolled_back"]
-    with pytest.raises(tracking.RegistryError, match="nothing to roll back to"):
-        tracking.rollback(name)
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        rollback(name)
     assert aliases(name)["champion"] == "1"
 
 
 def test_a_retried_register_adds_no_second_version(project: Path, model_file: Path) -> None:
     name = "student-retry"
-    first = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
-    retry = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    first = register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    retry = register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
     assert (first.version, first.existed) == ("1", False) and (retry.version, retry.existed) == ("1", True)
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
@@ -161,17 +164,17 @@ def test_the_version_names_its_data_commit_training_run_and_teacher(project: Pat
                                     capture_output=True, text=True).stdout.strip()
     git("init", "-q")
     git("commit", "-q", "--allow-empty", "-m", "code")
-    with tracking.stage_run("train_teacher") as teacher_run:
+    with stage_run("train_teacher") as teacher_run:
         pass
     teacher_file = tiny_model(project, 10, role="teacher", mlflow_run_id=teacher_run.info.run_id, train_data="kvasir-seg@aaaa")
-    teacher = tracking.register_model(teacher_file, "teacher-lineage", {"kvasir-seg": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
-    with tracking.stage_run("train_student") as student_run:
+    teacher = register_model(teacher_file, "teacher-lineage", {"kvasir-seg": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    with stage_run("train_student") as student_run:
         pass
     sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
     student_file = tiny_model(project, 11, role="student", method="kdas", mlflow_run_id=student_run.info.run_id,
                               train_data="kvasir-seg@aaaa", teacher=str(teacher_file), teacher_sha256=sha)
-    version = tracking.register_model(student_file, "student-lineage", {"kvasir-seg": {"meanDic": 0.75}}, evaluation_data=DATA,
-                                      teacher_name="teacher-lineage", serving_config=SERVE, onnx=False)
+    version = register_model(student_file, "student-lineage", {"kvasir-seg": {"meanDic": 0.75}}, evaluation_data=DATA,
+                             teacher_name="teacher-lineage", serving_config=SERVE, onnx=False)
     assert version.run_id == student_run.info.run_id  # logged in the model's own training run: one record
     tags = version_tags("student-lineage", version.version)
     assert tags["kdas.train_data"] == "kvasir-seg@aaaa" and tags["kdas.eval_data"] == DATA
@@ -184,7 +187,7 @@ def test_the_version_names_its_data_commit_training_run_and_teacher(project: Pat
     # the test-set metrics sit on the logged model, per evaluation dataset
     logged = client.get_logged_model(version.model_id)
     assert {(m.key, m.dataset_name) for m in logged.metrics} >= {("test/kvasir-seg/meanDic", "kvasir-seg")}
-    assert "trained on kvasir-seg@aaaa" in tracking.version_summary("models:/student-lineage@challenger")
+    assert "trained on kvasir-seg@aaaa" in version_summary("models:/student-lineage@challenger")
 
 
 def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tmp_path: Path) -> None:
@@ -198,7 +201,7 @@ def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tm
 
     def evaluate_on_b(uri: str) -> tuple[dict[str, float], str]:
         calls.append(uri)
-        result = evaluate_model(Segmenter.load(tracking.resolve_model_file(uri), "cpu"), manifest, tmp_path / f"eval{len(calls)}",
+        result = evaluate_model(Segmenter.load(resolve_model_file(uri), "cpu"), manifest, tmp_path / f"eval{len(calls)}",
                                 batch_size=4, grid_size=1)
         return result["datasets"]["mean"], result["data"]
 
@@ -206,14 +209,14 @@ def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tm
     gate = GateParams(metric="meanDic", margin=0.01, floor=0.0)  # tiny untrained models score low
     for name, delta, promoted in (("compare-better", +0.05, True), ("compare-worse", -0.05, False)):
         champion = tiny_model(project, 20)
-        tracking.register_model(champion, name, {"kvasir-seg": {"meanDic": 0.99}}, evaluation_data="kvasir-seg@aaaaaaaaaaaa", serving_config=SERVE, onnx=False)
-        assert tracking.promote(name, gate).promoted
+        register_model(champion, name, {"kvasir-seg": {"meanDic": 0.99}}, evaluation_data="kvasir-seg@aaaaaaaaaaaa", serving_config=SERVE, onnx=False)
+        assert promote(name, gate).promoted
         on_b = evaluate_on_b(str(champion))[0]["meanDic"]  # what the champion scores on B
         challenger = tiny_model(project, 21 if promoted else 22)
-        tracking.register_model(challenger, name, {"synth": {"meanDic": on_b + delta}}, evaluation_data=data_b, serving_config=SERVE, onnx=False)
-        blind = tracking.promote(name, gate)  # without a way to evaluate: never decided on other data
+        register_model(challenger, name, {"synth": {"meanDic": on_b + delta}}, evaluation_data=data_b, serving_config=SERVE, onnx=False)
+        blind = promote(name, gate)  # without a way to evaluate: never decided on other data
         assert not blind.promoted and "scored on other data" in blind.reason
-        decision = tracking.promote(name, gate, evaluate_on_b)
+        decision = promote(name, gate, evaluate_on_b)
         assert decision.promoted is promoted, decision.reason
         assert decision.champion_score == pytest.approx(on_b) and decision.champion_data == decision.challenger_data == data_b
         assert calls[-1] == f"models:/{name}/1"
@@ -222,43 +225,43 @@ def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tm
 
 def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Path) -> None:
     name = "student-resolved"
-    v1 = tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
-    path = tracking.resolve_model_file(f"models:/{name}@challenger")
+    v1 = register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    path = resolve_model_file(f"models:/{name}@challenger")
     assert path.is_file() and path.is_relative_to(project / ".cache" / "kdas" / "models")
     assert path.read_bytes() == model_file.read_bytes()
     loaded = load_model(path)
     assert (loaded.config["backbone"], loaded.image_size) == ("test_convnext", 64)
     # the same version by number, and by its run, is the same file; cached: no second download
     written = path.stat().st_mtime_ns
-    assert tracking.resolve_model_file(f"models:/{name}/{v1.version}") == path
+    assert resolve_model_file(f"models:/{name}/{v1.version}") == path
     assert path.stat().st_mtime_ns == written
-    assert tracking.resolve_model_file(f"runs:/{v1.run_id}/model").read_bytes() == path.read_bytes()
+    assert resolve_model_file(f"runs:/{v1.run_id}/model").read_bytes() == path.read_bytes()
     # the alias moves with a new version: so does the file it resolves to
     other = save_model(project / "other.pt", create_model(TINY), image_size=96, info={})
-    tracking.register_model(other, name, {"kvasir": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
-    moved = tracking.resolve_model_file(f"models:/{name}@challenger/")
+    register_model(other, name, {"kvasir": {"meanDic": 0.8}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    moved = resolve_model_file(f"models:/{name}@challenger/")
     assert moved != path and load_model(moved).image_size == 96
     # a local path is returned as is
-    assert tracking.resolve_model_file(model_file) == model_file
-    assert tracking.resolve_model_file(str(model_file)) == model_file
+    assert resolve_model_file(model_file) == model_file
+    assert resolve_model_file(str(model_file)) == model_file
 
     with pytest.raises(FileNotFoundError, match=r"missing\.pt: no such model file .*kdas train.*models:/"):
-        tracking.resolve_model_file(project / "missing.pt")
+        resolve_model_file(project / "missing.pt")
     missing = f"models:/{name}@champion: no such MLflow model in {os.environ['MLFLOW_TRACKING_URI']}"
     with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-        tracking.resolve_model_file(f"models:/{name}@champion")
+        resolve_model_file(f"models:/{name}@champion")
     with pytest.raises(FileNotFoundError, match="models:/no-such-model/1: no such MLflow model"):
-        tracking.resolve_model_file("models:/no-such-model/1")
-    with tracking.stage_run("evaluate") as run:  # an MLflow model that is no kdas model
+        resolve_model_file("models:/no-such-model/1")
+    with stage_run("evaluate") as run:  # an MLflow model that is no kdas model
         mlflow.log_text("flavors:\n  python_function:\n    loader_module: x\n", "other/MLmodel")
     with pytest.raises(FileNotFoundError, match="without a kdas model file"):
-        tracking.resolve_model_file(f"runs:/{run.info.run_id}/other")
+        resolve_model_file(f"runs:/{run.info.run_id}/other")
 
 
 def test_champion_loads_in_a_fresh_process(project: Path, model_file: Path) -> None:
     name = "student-fresh"
-    tracking.register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
-    assert tracking.promote(name, GATE).promoted
+    register_model(model_file, name, {"kvasir": {"meanDic": 0.7}}, evaluation_data=DATA, serving_config=SERVE, onnx=False)
+    assert promote(name, GATE).promoted
     code = textwrap.dedent(
         """
         import base64, io, json, sys

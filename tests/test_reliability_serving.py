@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import PARAMS, SERVE
-from kdas import tracking
+from kdas.tracking.served import SegmenterModel
 from kdas.tracking.served import _serving_config
 
 
@@ -31,15 +31,15 @@ def big() -> str:
     return declared(4096, 4096)
 
 
-def model(**config) -> tracking.SegmenterModel:
+def model(**config) -> SegmenterModel:
     """The pyfunc as `load_context` leaves it, minus the network: every refusal below comes
     before the model would be used."""
-    served = tracking.SegmenterModel()
+    served = SegmenterModel()
     served.config = _serving_config({**SERVE, **config})
     return served
 
 
-def refused(served: tracking.SegmenterModel, images: list[str]) -> tuple[str, float, float]:
+def refused(served: SegmenterModel, images: list[str]) -> tuple[str, float, float]:
     proc = psutil.Process()
     rss = proc.memory_info().rss
     start = time.monotonic()

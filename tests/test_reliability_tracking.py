@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import MLFLOW_QUIET, ROOT, free_port, stop, tool_environ, wait_for_http
-from kdas import tracking
+from kdas.tracking.runs import BOUNDED_HTTP, PARENT_RUN_ENV, TrainingLog, stage_run
+from kdas.tracking.store import EXPERIMENT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -50,21 +51,21 @@ def store(tmp_path: Path, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     for key, value in QUIET.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
-    monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv(EXPERIMENT_ENV, raising=False)
     yield root, port
     mlflow.set_tracking_uri(None)  # forget this server (kdas.tracking sets the global URI): later tests must not reach for it
 
 
 def test_epochs_logged_while_the_server_is_away_arrive_when_it_returns(store, monkeypatch, caplog):
     root, port = store
-    for key, value in tracking.runs.BOUNDED_HTTP.items():  # what a training command sets (bound_http_waits), for this test only
+    for key, value in BOUNDED_HTTP.items():  # what a training command sets (bound_http_waits), for this test only
         monkeypatch.setenv(key, value)
     uri = os.environ["MLFLOW_TRACKING_URI"]
     server = start_server(root, port)
     try:
-        with tracking.stage_run("train_teacher") as run:
-            epochs = tracking.TrainingLog()
+        with stage_run("train_teacher") as run:
+            epochs = TrainingLog()
             epochs({"train_loss": 1.0}, 1)
             stop(server)
             for step in (2, 3):

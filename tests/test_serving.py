@@ -23,11 +23,13 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import MLFLOW_QUIET, SERVE, free_port, stop, wait_for_http
-from kdas import tracking
-from kdas.codec import decode_mask
 from kdas.checkpoint import save_model
+from kdas.codec import decode_mask
 from kdas.config import GateParams
 from kdas.models import create_model
+from kdas.tracking.registry import promote, register_model
+from kdas.tracking.runs import PARENT_RUN_ENV
+from kdas.tracking.store import EXPERIMENT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -50,11 +52,11 @@ def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) ->
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         for key, value in MLFLOW_QUIET.items():
             mp.setenv(key, value)
-        mp.delenv(tracking.PARENT_RUN_ENV, raising=False)
-        mp.delenv(tracking.EXPERIMENT_ENV, raising=False)
+        mp.delenv(PARENT_RUN_ENV, raising=False)
+        mp.delenv(EXPERIMENT_ENV, raising=False)
         model_file = save_model(root / "student.pt", create_model(TINY), image_size=64, info={})
-        tracking.register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={**SERVE, "max_side": 1024})
-        assert tracking.promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
+        register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={**SERVE, "max_side": 1024})
+        assert promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
         yield uri
 
 

@@ -13,8 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import tool_environ
-from kdas import tracking
 from kdas.promotion import metric_tags
+from kdas.tracking.runs import PARENT_RUN_ENV, log_artifacts, log_data_lineage, log_dict, log_metrics, pipeline_run, stage_run
+from kdas.tracking.store import EXPERIMENT_ENV, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,13 +60,13 @@ def _dvc_project(root: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_default_store_is_sqlite_in_the_project(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri() == f"sqlite:///{mlflow_store.resolve()}/mlflow/mlflow.db"
+    assert tracking_uri() == f"sqlite:///{mlflow_store.resolve()}/mlflow/mlflow.db"
     (mlflow_store / "report").mkdir()
     (mlflow_store / "report" / "report.txt").write_text("hello")
-    with tracking.stage_run("evaluate") as run:
-        tracking.log_artifacts(mlflow_store / "report", "reports")
-        tracking.log_dict({"meanDic": 0.5}, "metrics.json")
-    client = MlflowClient(tracking.tracking_uri())
+    with stage_run("evaluate") as run:
+        log_artifacts(mlflow_store / "report", "reports")
+        log_dict({"meanDic": 0.5}, "metrics.json")
+    client = MlflowClient(tracking_uri())
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "kdas"
     assert experiment.artifact_location == (mlflow_store / "mlflow" / "artifacts").resolve().as_uri()
@@ -77,23 +78,23 @@ def test_default_store_is_sqlite_in_the_project(mlflow_store: Path, monkeypatch:
 
 @pytest.mark.slow
 def test_stage_run_nested_under_pipeline_run(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, "kdas-test")
+    monkeypatch.setenv(EXPERIMENT_ENV, "kdas-test")
     md5 = _dvc_project(mlflow_store)
     commit = _git(mlflow_store, "rev-parse", "HEAD")
 
     params = {"train": {"lr": 1e-4, "multiscale": [0.75, 1.0]}, "distill": {"method": "kdas"}}
-    with tracking.pipeline_run("weekly") as parent:
-        assert os.environ[tracking.PARENT_RUN_ENV] == parent.info.run_id
-        with tracking.stage_run("train", params) as child:
+    with pipeline_run("weekly") as parent:
+        assert os.environ[PARENT_RUN_ENV] == parent.info.run_id
+        with stage_run("train", params) as child:
             with pytest.warns(UserWarning, match="val/loss"):
-                logged = tracking.log_metrics({"val": {"dice": 0.8, "loss": float("nan")}}, step=3)
+                logged = log_metrics({"val": {"dice": 0.8, "loss": float("nan")}}, step=3)
         # a stage run by `dvc repro` is a child process: it finds its parent in the environment
-        code = "from kdas.tracking import stage_run\nwith stage_run('evaluate') as r:\n    print(r.info.run_id)"
+        code = "from kdas.tracking.runs import stage_run\nwith stage_run('evaluate') as r:\n    print(r.info.run_id)"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.run([sys.executable, "-c", code], cwd=mlflow_store, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         grandchild_id = proc.stdout.strip().splitlines()[-1]
-    assert tracking.PARENT_RUN_ENV not in os.environ
+    assert PARENT_RUN_ENV not in os.environ
     assert logged == {"val/dice": 0.8}
 
     client = _client()
@@ -120,8 +121,8 @@ def test_stage_run_nested_under_pipeline_run(mlflow_store: Path, monkeypatch: py
 
 def test_failing_stage_is_marked_failed(mlflow_store: Path) -> None:
     with pytest.raises(ValueError, match="bad batch"):
-        with tracking.pipeline_run() as parent:
-            with tracking.stage_run("train") as child:
+        with pipeline_run() as parent:
+            with stage_run("train") as child:
                 raise ValueError("bad batch")
     client = _client()
     run = client.get_run(child.info.run_id)
@@ -129,19 +130,19 @@ def test_failing_stage_is_marked_failed(mlflow_store: Path) -> None:
     assert run.data.tags["kdas.error"] == "ValueError: bad batch"
     assert run.data.tags["mlflow.source.git.commit"] == "unknown"  # tmp_path is no git checkout
     assert client.get_run(parent.info.run_id).info.status == "FAILED"
-    assert tracking.PARENT_RUN_ENV not in os.environ
+    assert PARENT_RUN_ENV not in os.environ
     assert mlflow.active_run() is None
 
 
 def test_log_metrics_skips_non_finite_and_needs_a_run(mlflow_store: Path) -> None:
     with pytest.raises(RuntimeError, match="no active MLflow run"):
-        tracking.log_metrics({"a": 1.0})
-    with tracking.stage_run("evaluate") as run:
+        log_metrics({"a": 1.0})
+    with stage_run("evaluate") as run:
         with pytest.warns(UserWarning, match="not finite"):
-            tracking.log_metrics({"a": 1, "b": float("inf"), "c": float("nan")})
+            log_metrics({"a": 1, "b": float("inf"), "c": float("nan")})
         with pytest.warns(UserWarning, match="not a number"):
-            tracking.log_metrics({"d": "n/a"})
-        tracking.log_artifacts(_make_dir(mlflow_store), "plots")
+            log_metrics({"d": "n/a"})
+        log_artifacts(_make_dir(mlflow_store), "plots")
     data = _client().get_run(run.info.run_id).data
     assert data.metrics == {"a": 1.0}
     assert [a.path for a in _client().list_artifacts(run.info.run_id, "plots")] == ["plots/grid.txt"]
@@ -166,8 +167,8 @@ def test_metric_tags_average_over_test_sets() -> None:
 
 
 def test_data_lineage_tolerates_missing_dvc_files(mlflow_store: Path) -> None:
-    with tracking.stage_run("train"):
-        assert tracking.log_data_lineage(["data/processed"], stage="train") == {}
+    with stage_run("train"):
+        assert log_data_lineage(["data/processed"], stage="train") == {}
 
 
 @pytest.mark.slow

@@ -105,9 +105,9 @@ SIGNATURE = ModelSignature(
 # model by default): the logged model is rebuilt by running this file, which only
 # instantiates the class; the weights come from the kdas model file artifact.
 _MODEL_CODE = """\
-# Written by kdas.tracking.log_segmenter: MLflow builds the served model from this file.
+# Written by kdas.tracking.served.log_segmenter: MLflow builds the served model from this file.
 import mlflow
-from kdas.tracking import SegmenterModel
+from kdas.tracking.served import SegmenterModel
 
 mlflow.models.set_model(SegmenterModel())
 """
