@@ -2,6 +2,10 @@
 
 Prediction maps are B x 1 x H x W *logits* (the models' P1 and P2), masks B x 1 x H x W in
 [0, 1]. Every function computes in float32 whatever the input dtype (autocast-safe).
+
+A model's two maps give three terms, each summed over P1 and P2: :func:`structure_term`
+(the ground truth), :func:`sgm_term` and :func:`attention_term` (the teacher). Which terms a
+method trains on, and how they combine, is its task's business (kdas.training.task).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdas.methods import ATTENTIONS, METHODS
+from kdas.methods import ATTENTIONS
 
 
 def _check_map(name: str, x: Tensor) -> None:
@@ -179,58 +183,26 @@ def symmetric_guiding(student_logits: Tensor, teacher_logits: Tensor, pool_strid
     return F.mse_loss(embed(student_logits), embed(teacher_logits.detach()))
 
 
-def distillation_loss(
-    method: str,
-    student_out: tuple[Tensor, Tensor],
-    teacher_out: tuple[Tensor, Tensor] | None,
-    mask: Tensor,
-    *,
-    alpha: float,
-    tau: float,
-    pool_stride: int,
-    attention: str,
-    weighted_bce: bool,
-) -> dict[str, Tensor]:
-    """The training loss of a (P1, P2) model, with its components for logging.
-
-    With ``S = structure(P1) + structure(P2)``, ``A`` the attention supervision and ``G``
-    the symmetric guiding terms, each summed over P1 and P2 (the same teacher map supervises
-    the same student map):
-
-    - ``"none"`` (teacher training, or a student without a teacher): ``loss = S``;
-    - ``"sgm"``: ``loss = (1 - alpha) * S + alpha * G`` (what the official KDAS code
-      effectively trains, its attention term giving no gradient);
-    - ``"kdas"``: ``loss = (1 - alpha) * S + alpha * (A + G)``.
-
-    This mirrors the official ``train_kd_paper.py``: ``loss = (1 - alpha) * (S1 + S2) +
-    alpha * ((kd1 + kd2) * tau**2 + sgm)``, i.e. alpha trades ground truth against the
-    teacher as a convex combination and tau enters only the attention term (temperature
-    and its tau**2 scaling, inside :func:`attention_supervision`). The official SGM
-    covers P1 only; here it covers P1 and P2, like the attention term.
-
-    Returns ``{"loss", "structure", "attention", "sgm"}``: the total (for backward) and the
-    unweighted sums S, A, G (zero tensors when unused).
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown distillation method {method!r}; expected one of {', '.join(METHODS)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+def structure_term(student_out: tuple[Tensor, Tensor], mask: Tensor, *, weighted_bce: bool) -> Tensor:
+    """``S = structure(P1) + structure(P2)``, the ground truth's term of every method. The
+    boundary weight depends on the mask alone: computed once, shared by P1 and P2."""
     s1, s2 = student_out
     weight = boundary_weight(mask)
-    structure = structure_loss(s1, mask, weight, weighted_bce) + structure_loss(s2, mask, weight, weighted_bce)
-    zero = structure.new_zeros(())
-    if method == "none":
-        return {"loss": structure, "structure": structure, "attention": zero, "sgm": zero}
+    return structure_loss(s1, mask, weight, weighted_bce) + structure_loss(s2, mask, weight, weighted_bce)
 
-    if teacher_out is None:
-        raise ValueError(f"method {method!r} needs the teacher's outputs (teacher_out is None)")
-    t1, t2 = (t.detach() for t in teacher_out)
-    sgm = symmetric_guiding(s1, t1, pool_stride) + symmetric_guiding(s2, t2, pool_stride)
-    if method == "kdas":
-        attended = attention_supervision(s1, t1, tau, pool_stride, attention) + attention_supervision(
-            s2, t2, tau, pool_stride, attention
-        )
-    else:
-        attended = zero
-    loss = (1 - alpha) * structure + alpha * (attended + sgm)
-    return {"loss": loss, "structure": structure, "attention": attended, "sgm": sgm}
+
+def sgm_term(student_out: tuple[Tensor, Tensor], teacher_out: tuple[Tensor, Tensor], *, pool_stride: int) -> Tensor:
+    """``G``: :func:`symmetric_guiding` summed over P1 and P2, each student map against the
+    same teacher map (the official SGM covers P1 only). The teacher is detached."""
+    (s1, s2), (t1, t2) = student_out, (t.detach() for t in teacher_out)
+    return symmetric_guiding(s1, t1, pool_stride) + symmetric_guiding(s2, t2, pool_stride)
+
+
+def attention_term(
+    student_out: tuple[Tensor, Tensor], teacher_out: tuple[Tensor, Tensor], *, attention: str, tau: float, pool_stride: int
+) -> Tensor:
+    """``A``: :func:`attention_supervision` of form ``attention`` (``pool_stride`` pools the
+    pairwise form's maps) summed over P1 and P2. tau is the temperature, the term carrying
+    its tau**2 scaling. The teacher is detached."""
+    (s1, s2), (t1, t2) = student_out, (t.detach() for t in teacher_out)
+    return attention_supervision(s1, t1, tau, pool_stride, attention) + attention_supervision(s2, t2, tau, pool_stride, attention)

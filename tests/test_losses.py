@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -13,15 +14,15 @@ from kdas.config import load_params
 from kdas.data.transforms import to_tensor
 from kdas.maps import resize
 from kdas.io import binarise, read_mask, read_rgb
-from kdas.losses import (ATTENTIONS, attention_supervision, box_mean, boundary_weight, distillation_loss, refined_map, structure_loss,
-                         symmetric_guiding)
+from kdas.losses import (ATTENTIONS, attention_supervision, attention_term, box_mean, boundary_weight, refined_map, sgm_term, structure_loss,
+                         structure_term, symmetric_guiding)
+from kdas.methods import METHODS
 from kdas.models import create_model
-from kdas.training.task import SegmentationTask
+from kdas.training.task import TASKS, GroundTruthTask, KDASTask, SGMTask, create_task
 
 SIZE = 64
 TAU = 2.0
 STRIDE = 8
-OPTS = {"attention": "spatial", "weighted_bce": True}
 
 
 def _disc_mask(batch: int = 2, size: int = SIZE) -> torch.Tensor:
@@ -236,9 +237,8 @@ def test_every_term_finite_on_extremes(mask_name, logit_name):
 
 def test_half_precision_inputs_are_computed_in_float32(maps):
     student, teacher, mask = maps
-    out = distillation_loss(
-        "kdas", (student.bfloat16(),) * 2, (teacher.bfloat16(),) * 2, mask, alpha=0.3, tau=TAU, pool_stride=STRIDE, **OPTS
-    )
+    task = KDASTask(torch.nn.Identity(), alpha=0.3, attention="spatial", tau=TAU, pool_stride=STRIDE, weighted_bce=True)
+    out = task.loss((student.bfloat16(),) * 2, (teacher.bfloat16(),) * 2, mask)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
 
 
@@ -249,68 +249,105 @@ def test_bf16_autocast_and_fp32_losses_agree_on_a_fixed_batch():
     student, teacher = create_model("polyp_pvt_tiny"), create_model("polyp_pvt_tiny")
     images, masks = torch.rand(2, 3, 64, 64), _disc_mask()
     distill = load_params(ROOT / "params.yaml").distill
-    fp32 = SegmentationTask(distill, True, teacher)(student, images, masks)
-    bf16 = SegmentationTask(distill, True, teacher, precision=lambda: torch.autocast("cpu", dtype=torch.bfloat16))(student, images, masks)
+    fp32 = create_task(distill, lambda: teacher, weighted_bce=True)(student, images, masks)
+    bf16 = create_task(distill, lambda: teacher, weighted_bce=True, precision=lambda: torch.autocast("cpu", dtype=torch.bfloat16))(
+        student, images, masks)
     for k in ("loss", "structure", "attention", "sgm"):
         assert bf16[k].dtype == torch.float32
         assert bf16[k].item() == pytest.approx(fp32[k].item(), rel=1e-2), k
 
 
-# ---- combination ----------------------------------------------------------------------------
+# ---- the methods' tasks -----------------------------------------------------------------------
 
-KEYS = {"loss", "structure", "attention", "sgm"}
+KEYS = ["loss", "structure", "attention", "sgm"]  # history.csv's columns, in order, whatever the method
 
 
-def test_distillation_none_is_structure_only(maps):
+def _task(method: str, alpha: float = 0.3, attention: str = "spatial", teacher=None):
+    distill = types.SimpleNamespace(method=method, attention=attention, alpha=alpha, tau=TAU, pool_stride=STRIDE, seed=0)
+    return create_task(distill, lambda: teacher or torch.nn.Identity(), weighted_bce=True)
+
+
+def test_each_method_is_a_task_type():
+    assert tuple(TASKS) == METHODS
+    assert [type(_task(method)) for method in METHODS] == [GroundTruthTask, SGMTask, KDASTask]
+    assert type(create_task(None, None, weighted_bce=True)) is GroundTruthTask  # no distill: the ground truth alone
+
+
+def test_the_ground_truth_task_is_structure_only_and_never_loads_a_teacher(maps):
     student, _, mask = maps
-    out = distillation_loss("none", (student, student * 0.5), None, mask, alpha=0.3, tau=TAU, pool_stride=STRIDE, **OPTS)
-    assert set(out) == KEYS
+    task = create_task(types.SimpleNamespace(method="none"), lambda: pytest.fail("method none loaded the teacher"), weighted_bce=True)
+    out = task.loss((student, student * 0.5), mask)
+    assert list(out) == KEYS
     expected = structure_loss(student, mask) + structure_loss(student * 0.5, mask)
     assert out["loss"].item() == pytest.approx(expected.item())
     assert out["attention"].item() == 0 and out["sgm"].item() == 0
+    assert structure_term((student, student * 0.5), mask, weighted_bce=True).item() == pytest.approx(expected.item())
 
 
 @pytest.mark.parametrize("method", ["sgm", "kdas"])
-def test_distillation_methods_combine_terms(maps, method):
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_distillation_methods_combine_terms(maps, method, attention):
     student, teacher, mask = maps
     s1 = student.clone().requires_grad_()
     s2 = (student * 0.5).detach().requires_grad_()
     t1, t2 = teacher, teacher * 0.8
     alpha = 0.3
-    out = distillation_loss(method, (s1, s2), (t1, t2), mask, alpha=alpha, tau=TAU, pool_stride=STRIDE, **OPTS)
-    assert set(out) == KEYS
+    out = _task(method, alpha, attention).loss((s1, s2), (t1, t2), mask)
+    assert list(out) == KEYS
     structure = structure_loss(s1, mask) + structure_loss(s2, mask)
     sgm = symmetric_guiding(s1, t1, STRIDE) + symmetric_guiding(s2, t2, STRIDE)
-    attention = (
-        attention_supervision(s1, t1, TAU, STRIDE, "spatial") + attention_supervision(s2, t2, TAU, STRIDE, "spatial")
+    attended = (
+        attention_supervision(s1, t1, TAU, STRIDE, attention) + attention_supervision(s2, t2, TAU, STRIDE, attention)
         if method == "kdas"
         else torch.tensor(0.0)
     )
     assert out["structure"].item() == pytest.approx(structure.item(), rel=1e-5)
     assert out["sgm"].item() == pytest.approx(sgm.item(), rel=1e-5)
-    assert out["attention"].item() == pytest.approx(attention.item(), rel=1e-5)
+    assert sgm_term((s1, s2), (t1, t2), pool_stride=STRIDE).item() == pytest.approx(sgm.item(), rel=1e-5)
+    assert out["attention"].item() == pytest.approx(attended.item(), rel=1e-5)
     assert (out["attention"].item() > 0) == (method == "kdas")
-    expected = (1 - alpha) * structure + alpha * (attention + sgm)
+    if method == "kdas":
+        got = attention_term((s1, s2), (t1, t2), attention=attention, tau=TAU, pool_stride=STRIDE)
+        assert got.item() == pytest.approx(attended.item(), rel=1e-5)
+    expected = (1 - alpha) * structure + alpha * (attended + sgm)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     out["loss"].backward()
     assert s1.grad.abs().sum() > 0 and s2.grad.abs().sum() > 0
 
 
-def test_distillation_detaches_the_teacher(maps):
+def test_a_step_computes_the_boundary_weight_once(maps, monkeypatch):
+    """P1, P2 and the terms share one boundary weight per batch: its box filter is the dearest
+    part of the structure loss on the CPU."""
+    _, _, mask = maps
+    calls = []
+    real = boundary_weight
+    monkeypatch.setattr("kdas.losses.boundary_weight", lambda m: calls.append(m) or real(m))
+    net = create_model("polyp_pvt_tiny")
+    _task("kdas", teacher=create_model("polyp_pvt_tiny"))(net, torch.rand(2, 3, SIZE, SIZE), mask)
+    assert len(calls) == 1
+
+
+def test_distillation_freezes_and_detaches_the_teacher(maps):
     student, teacher, mask = maps
+    model = create_model("polyp_pvt_tiny").train()
+    task = _task("kdas", teacher=model)
+    assert task.teacher is model and not model.training and not any(p.requires_grad for p in model.parameters())
     teacher = teacher.clone().requires_grad_()
-    out = distillation_loss("kdas", (student, student), (teacher, teacher), mask, alpha=0.3, tau=TAU, pool_stride=STRIDE, **OPTS)
+    out = task.loss((student, student), (teacher, teacher), mask)
     assert not out["attention"].requires_grad and not out["sgm"].requires_grad
 
 
-def test_distillation_errors(maps):
-    student, teacher, mask = maps
-    with pytest.raises(ValueError, match="unknown distillation method 'kd'.*none, sgm, kdas"):
-        distillation_loss("kd", (student, student), (teacher, teacher), mask, alpha=0.3, tau=TAU, pool_stride=STRIDE, **OPTS)
-    with pytest.raises(ValueError, match="needs the teacher"):
-        distillation_loss("kdas", (student, student), None, mask, alpha=0.3, tau=TAU, pool_stride=STRIDE, **OPTS)
-    with pytest.raises(ValueError, match="alpha"):
-        distillation_loss("sgm", (student, student), (teacher, teacher), mask, alpha=1.5, tau=TAU, pool_stride=STRIDE, **OPTS)
+def test_task_errors(maps):
+    with pytest.raises(ValueError, match="unknown distill.method 'kd'.*none, sgm, kdas"):
+        _task("kd")
+    for method in ("sgm", "kdas"):
+        with pytest.raises(ValueError, match=f"'{method}' needs a teacher"):
+            create_task(types.SimpleNamespace(method=method, attention="spatial", alpha=0.3, tau=TAU, pool_stride=STRIDE), None,
+                        weighted_bce=True)
+        with pytest.raises(ValueError, match="alpha"):
+            _task(method, alpha=1.5)
+    with pytest.raises(ValueError, match="unknown distill.attention 'channel'.*spatial, pairwise"):
+        _task("kdas", attention="channel")
 
 
 # ---- signal on real images ------------------------------------------------------------------

@@ -18,10 +18,10 @@ from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, Trai
 from kdas.data.dataset import PolypDataset
 from kdas.data.manifest import build_manifest
 from kdas.data.synth import write_synth
-from kdas.losses import distillation_loss
 from kdas.models import create_model
 from kdas.training import TrainJob, train
 from kdas.training.engine import scaled_size, to_device
+from kdas.training.task import DistillationTask, GroundTruthTask
 
 TINY = TrainParams(image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=1e-4, grad_clip=0.5,
                    multiscale=[1.0], lr_decay=0.1, decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True, compile=False,
@@ -54,8 +54,9 @@ def test_a_student_overfits_four_synthetic_images(manifest):
     images, masks = to_device(torch.stack([data[i][0] for i in range(4)]), torch.stack([data[i][1] for i in range(4)]), torch.device("cpu"))
     model = create_model("polyp_pvt_b0")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    task = GroundTruthTask(weighted_bce=True)
     for _ in range(120):
-        loss = distillation_loss("none", model(images), None, masks, alpha=0.3, tau=2.0, pool_stride=8, attention="spatial", weighted_bce=True)["loss"]
+        loss = task(model, images, masks)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -110,7 +111,7 @@ def test_a_larger_teacher_sees_the_frames_at_its_size(manifest, tmp_path):
     teacher_file = save_model(tmp_path / "teacher.pt", create_model("polyp_pvt_tiny"), image_size=96)
     seen: dict[str, set[int]] = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("kdas.training.task.SegmentationTask._teacher_maps", _spying(seen))
+        patch.setattr(DistillationTask, "_teacher_maps", _spying(seen))
         result = train(job(manifest, tmp_path / "out", distill=dataclasses.replace(NONE, method="kdas"), teacher=teacher_file,
                            train=dataclasses.replace(TINY, epochs=1, multiscale=[0.5, 1.0])))
     assert seen["teacher"] == {64, 96} and seen["student"] == {32, 64}  # each model at its size, per scale
@@ -119,16 +120,21 @@ def test_a_larger_teacher_sees_the_frames_at_its_size(manifest, tmp_path):
 
 
 def _spying(seen: dict):
-    """SegmentationTask._teacher_maps, recording the teacher's input size and the student's map size."""
-    from kdas.training.task import SegmentationTask
-
-    real = SegmentationTask._teacher_maps
+    """DistillationTask._teacher_maps, recording the teacher's input size and the student's map size."""
+    real = DistillationTask._teacher_maps
 
     def spy(self, images, size):
         seen.setdefault("teacher", set()).add(images.shape[-1])
         seen.setdefault("student", set()).add(size[-1])
         return real(self, images, size)
     return spy
+
+
+def test_a_method_without_a_teacher_never_loads_one(manifest, tmp_path):
+    """Method none ignores a teacher file the job names (here a missing one): its task never
+    loads it, and the frames load at the student's size."""
+    result = train(job(manifest, tmp_path, teacher=tmp_path / "missing.pt", train=dataclasses.replace(TINY, epochs=1), max_steps=1))
+    assert result.epochs_run == 1 and result.history[0]["train_sgm"] == 0 == result.history[0]["train_attention"]
 
 
 def test_distillation_without_a_teacher_is_refused(manifest, tmp_path):
@@ -226,10 +232,9 @@ def test_the_same_seed_on_the_same_machine_gives_identical_metrics(manifest, tmp
 
 @pytest.mark.slow
 def test_multiscale_trains_each_batch_at_each_scale(manifest, tmp_path, monkeypatch):
-    from kdas.training.task import SegmentationTask
-
-    sizes, call = [], SegmentationTask.__call__
-    monkeypatch.setattr(SegmentationTask, "__call__", lambda self, net, x, y: sizes.append((tuple(x.shape[-2:]), tuple(y.shape[-2:]))) or call(self, net, x, y))
+    sizes, call = [], GroundTruthTask.__call__
+    monkeypatch.setattr(GroundTruthTask, "__call__",
+                        lambda self, net, x, y, *rest: sizes.append((tuple(x.shape[-2:]), tuple(y.shape[-2:]))) or call(self, net, x, y, *rest))
     p = dataclasses.replace(TINY, epochs=1, multiscale=[0.5, 1.0, 1.5])
     result = train(job(manifest, tmp_path, train=p, max_steps=2))
     assert sizes == [((32, 32),) * 2, ((64, 64),) * 2, ((96, 96),) * 2] * 2  # 2 batches x 3 scales, masks resized too

@@ -1,5 +1,7 @@
-"""One training engine for teacher and student: only the loss differs."""
+"""One training engine for teacher and student: only the task differs (kdas.training.task,
+one per distillation method)."""
 
 from kdas.training.engine import TrainJob, TrainResult, train
+from kdas.training.task import create_task
 
-__all__ = ["TrainJob", "TrainResult", "train"]
+__all__ = ["TrainJob", "TrainResult", "create_task", "train"]

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
-from kdas.checkpoint import load_model, save_model, save_torch
+from kdas.checkpoint import ModelFile, load_model, save_model, save_torch
 from kdas.config import DistillParams, RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.device import autocast, autocast_dtype, select_device, tune_for_training
@@ -44,7 +44,7 @@ from kdas.models import OUTPUT_STRIDE, create_model
 from kdas.training.curves import plot_history
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
 from kdas.progress import Progress, clock
-from kdas.training.task import SegmentationTask
+from kdas.training.task import create_task
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,18 @@ class Trainer:
         spec = job.model
         self.model = create_model(spec.arch, backbone=spec.backbone, pretrained=spec.weights, drop_path_rate=spec.drop_path_rate)
         self.model.to(self.device, memory_format=torch.channels_last)
-        teacher = load_model(job.teacher, self.device) if job.method != "none" and job.teacher is not None else None
-        self.task = SegmentationTask(job.distill, p.weighted_bce, teacher and teacher.model.to(memory_format=torch.channels_last),
-                                     precision=lambda: autocast(self.device, p.amp), compile=p.compile)
+        loaded: list[ModelFile] = []
+
+        def load_teacher() -> torch.nn.Module:
+            loaded.append(load_model(job.teacher, self.device))
+            return loaded[0].model.to(memory_format=torch.channels_last)
+
+        # the method's task, decided once; only a method that distils loads the teacher
+        self.task = create_task(job.distill, load_teacher if job.teacher is not None else None, weighted_bce=p.weighted_bce,
+                                precision=lambda: autocast(self.device, p.amp), compile=p.compile)
         # a teacher trained at a larger size sees the frames at its size: batches load at the
         # larger of the two sizes, and each model gets them resized to its own
-        self.teacher_size = teacher.image_size if teacher is not None else p.image_size
+        self.teacher_size = loaded[0].image_size if loaded else p.image_size
         load_size = max(p.image_size, self.teacher_size)
 
         self.train_data = PolypDataset(_rows(job.manifest, "train"), load_size, augment=p.augment, workers=max(1, p.workers))
