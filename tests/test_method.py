@@ -8,11 +8,13 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import kdas
 from conftest import SHARED, tool_environ
 from kdas.checkpoint import load_model, save_model
 from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, TrainParams, load_params, use_profile
@@ -88,6 +90,19 @@ def test_the_paper_profile_without_weights_stops_in_seconds(workdir, manifest):
     assert time.perf_counter() - started < 30
     assert re.search(r"error: .*pvt_v2_b2.*model hub.*local file.*model.<role>.weights", out.stderr)
     assert "Traceback" not in out.stderr and not (workdir / "models" / "teacher" / "best.pt").exists()
+
+
+def test_the_methods_are_named_once():
+    """kdas.methods spells the methods and attention forms; every other module reads them
+    there (the schema, the CLI, the tasks), so none can fall out of step."""
+    from kdas.methods import ATTENTIONS, METHODS
+    from kdas.training.task import TASKS
+
+    assert tuple(TASKS) == METHODS
+    spelt = [re.compile(r"[\"']\s*,\s*[\"']".join(re.escape(n) for n in names)) for names in (METHODS, ATTENTIONS)]
+    package = Path(kdas.__file__).parent
+    again = [str(f.relative_to(package)) for f in package.rglob("*.py") if f.name != "methods.py" and any(r.search(f.read_text()) for r in spelt)]
+    assert again == []
 
 
 # ---- the published teacher --------------------------------------------------------------------
