@@ -115,7 +115,7 @@ mlflow.models.set_model(SegmenterModel())
 # The distributions the served model imports at run time (alternatives in a tuple).
 _RUNTIME_DISTRIBUTIONS = (
     "torch", "torchvision", "timm", "numpy", "pandas", "pillow",
-    ("opencv-python-headless", "opencv-python"), "albumentations", "PyYAML",
+    ("opencv-python-headless", "opencv-python"), "albumentations", "PyYAML", "pydantic",
 )  # fmt: skip
 
 
