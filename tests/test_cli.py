@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from kdas.cli import main
+from kdas.cli import COMMANDS, main
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,11 @@ def kdas(*args: str) -> str:
 
 def test_every_command_has_help():
     for cmd in (["data", "import"], ["data", "fetch"], ["data", "synth"], ["data", "manifest"], ["validate"], ["train", "teacher"],
-                ["train", "student"], ["evaluate"], ["metrics"], ["register"], ["promote"], ["rollback"], ["predict"]):
+                ["train", "student"], ["evaluate"], ["metrics"], ["register"], ["promote"], ["rollback"], ["predict"],
+                ["export"], ["import-teacher"], ["plots"], ["params", "use"]):
         assert "Usage: " in kdas(*cmd, "--help") and "--help" in kdas(*cmd, "--help")
+    listed = kdas("--help").split("Commands:")[1]  # from cli.COMMANDS, each command loaded only when it runs
+    assert [line.split()[0] for line in listed.strip().splitlines()] == sorted(COMMANDS)
 
 
 def test_data_train_each_method_evaluate_predict_and_score(project):

@@ -1,9 +1,12 @@
 """dvc.yaml declares what each stage really uses, so `dvc repro` never calls a stale result
-up to date. For every stage, read statically (ast) from its `kdas ...` command:
+up to date; and no more, so that an edit re-runs only the stages that run it. For every
+stage, read statically (ast) from its `kdas ...` command:
 
-- the kdas modules it runs: kdas/cli.py itself, its module-level imports, the imports of
-  the click command function (and of the cli.py helpers it calls), then every import
-  (module- or function-level) of those modules, transitively, with their packages;
+- the kdas modules it runs: kdas/cli.py and the module of its click command (which cli.py
+  imports by name from its COMMANDS table, and no other command's), their module-level
+  imports, the imports of the command function and of the command-layer helpers it calls
+  (in its module or in cli.py), then every import (module- or function-level) of the library
+  modules so reached, transitively, with their packages;
 - the params keys it reads: attribute chains on the loaded Params object (`params.train`,
   `params_of(ctx).validation.max_size`, through local aliases and `getattr(x, role)`).
 
@@ -14,17 +17,23 @@ its params (the key, or a prefix of it).
 from __future__ import annotations
 
 import ast
+import functools
+import importlib
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import click
 import pytest
 import yaml
 
-from kdas.cli import main
+from kdas.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = ROOT / "kdas" / "cli.py"
+# the command layer: cli.py and the modules of the commands; a command runs their top level
+# and the functions it calls, not all they import (each command imports its own needs)
+COMMAND_LAYER = {"kdas.cli"} | {target.split(":")[0] for target, _ in COMMANDS.values()}
 PARAMS_LOADERS = {"params_of", "load_params"}  # calls that return the Params object
 
 
@@ -41,15 +50,15 @@ def dvc_stages() -> dict[str, dict]:
     return stages
 
 
-def click_command(cmd: str) -> tuple[str, dict]:
-    """The callback's name of a `kdas ...` command line and its arguments' values."""
+def click_command(cmd: str) -> tuple[str, str, dict]:
+    """(module, function) of a `kdas ...` command line's callback and its arguments' values."""
     words = shlex.split(cmd)
     assert words[0] == "kdas", f"{cmd!r}: a stage is a kdas command"
     command, args = main, words[1:]
     while isinstance(command, click.Group):
-        command, args = command.commands[args[0]], args[1:]
+        command, args = command.get_command(click.Context(command), args[0]), args[1:]
     ctx = command.make_context(command.name, args, resilient_parsing=True)
-    return command.callback.__name__, dict(ctx.params)
+    return command.callback.__module__, command.callback.__name__, dict(ctx.params)
 
 
 # ------------------------------------------------------------------------- kdas modules
@@ -63,7 +72,7 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-def imported_modules(tree: ast.AST, module: str = "kdas.cli", is_package: bool = False) -> set[str]:
+def imported_modules(tree: ast.AST, module: str, is_package: bool = False) -> set[str]:
     """Every kdas module an import statement anywhere in `tree` names (with `from pkg import
     sub`, the submodule too)."""
     found = set()
@@ -82,7 +91,8 @@ def imported_modules(tree: ast.AST, module: str = "kdas.cli", is_package: bool =
 
 
 def closure(modules: set[str]) -> set[Path]:
-    """The files of `modules`, of their packages and of all they import, transitively."""
+    """The files of `modules`, of their packages and of all they import, transitively; of a
+    command-layer module, only what its top level imports."""
     seen: set[str] = set()
     todo = list(modules)
     while todo:
@@ -93,32 +103,49 @@ def closure(modules: set[str]) -> set[Path]:
             if name in seen:
                 continue
             seen.add(name)
-            path = module_file(name)
-            todo += imported_modules(ast.parse(path.read_text()), name, path.name == "__init__.py")
+            tree = parsed(name)
+            if name in COMMAND_LAYER:
+                tree = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
+            todo += imported_modules(tree, name, module_file(name).name == "__init__.py")
     return {module_file(m).relative_to(ROOT) for m in seen}
 
 
-# ------------------------------------------------------------------------- cli.py functions and params keys
+@functools.cache
+def parsed(module: str) -> ast.Module:
+    return ast.parse(module_file(module).read_text())
 
-CLI_TREE = ast.parse(CLI.read_text())
-CLI_FUNCTIONS = {node.name: node for node in CLI_TREE.body if isinstance(node, ast.FunctionDef)}
+
+@functools.cache
+def functions(module: str) -> dict[str, ast.FunctionDef]:
+    """A command-layer module's functions, by name, with the functions it imports (top level)
+    from another command-layer module under the name it uses."""
+    tree = parsed(module)
+    found = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module in COMMAND_LAYER:
+            found |= {a.asname or a.name: functions(node.module)[a.name] for a in node.names if a.name in functions(node.module)}
+    return found
+
+
+# ------------------------------------------------------------------------- command functions and params keys
 
 
 class CommandReads:
-    """What a cli.py function (and the cli.py helpers it calls) imports and reads of Params."""
+    """What a command function (and the command-layer helpers it calls) imports and reads of Params."""
 
     def __init__(self) -> None:
         self.modules: set[str] = set()
         self.keys: set[tuple[str, ...]] = set()
         self._seen: set[tuple] = set()
 
-    def visit(self, name: str, bound: dict) -> None:
-        key = (name, tuple(sorted((k, v) for k, v in bound.items() if isinstance(v, str))))
+    def visit(self, module: str, name: str, bound: dict) -> None:
+        key = (module, name, tuple(sorted((k, v) for k, v in bound.items() if isinstance(v, str))))
         if key in self._seen or name in PARAMS_LOADERS:  # params_of: where Params comes from, no read
             return
         self._seen.add(key)
-        fn = CLI_FUNCTIONS[name]
-        self.modules |= imported_modules(fn)
+        fn = functions(module)[name]
+        home = next(m for m in sorted(COMMAND_LAYER) if fn in parsed(m).body)  # a helper imported from cli.py: cli.py's
+        self.modules |= imported_modules(fn, home) | {home}
         for node in ast.walk(fn):
             for child in ast.iter_child_nodes(node):
                 child.parent = node  # type: ignore[attr-defined]
@@ -127,8 +154,9 @@ class CommandReads:
             path = params_path(node, aliases, bound)
             if path is not None and not _dereferenced(node, aliases, bound) and not _alias_value(node, aliases):
                 self.keys.add(path)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CLI_FUNCTIONS:
-                self.visit(node.func.id, _call_bindings(CLI_FUNCTIONS[node.func.id], node, bound))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in functions(home):
+                callee = functions(home)[node.func.id]
+                self.visit(home, node.func.id, _call_bindings(callee, node, bound))
 
     @staticmethod
     def _aliases(fn: ast.FunctionDef, bound: dict) -> dict[str, tuple[str, ...]]:
@@ -177,7 +205,7 @@ def _alias_value(node: ast.AST, aliases: dict) -> bool:
 
 
 def _call_bindings(fn: ast.FunctionDef, call: ast.Call, bound: dict) -> dict:
-    """Constant (or already known) arguments of a call to a cli.py helper, by parameter name."""
+    """Constant (or already known) arguments of a call to a command-layer helper, by parameter name."""
     names = [a.arg for a in fn.args.args]
     values = {}
     for name, arg in [*zip(names, call.args), *((k.arg, k.value) for k in call.keywords if k.arg)]:
@@ -190,11 +218,10 @@ def _call_bindings(fn: ast.FunctionDef, call: ast.Call, bound: dict) -> dict:
 
 def stage_reads(cmd: str) -> tuple[set[Path], set[str]]:
     """(files of kdas code the command runs, params keys it reads) for a `kdas ...` line."""
-    callback, args = click_command(cmd)
+    module, callback, args = click_command(cmd)
     reads = CommandReads()
-    reads.visit(callback, args)
-    top_level = ast.Module(body=[n for n in CLI_TREE.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
-    files = closure(reads.modules | imported_modules(top_level)) | {CLI.relative_to(ROOT)}  # not all of cli.py's imports
+    reads.visit(module, callback, args)
+    files = closure(reads.modules | {"kdas.cli", module})
     return files, {".".join(k) for k in reads.keys}
 
 
@@ -219,21 +246,60 @@ def test_stage_declares_the_code_and_params_its_command_reads(name: str) -> None
     missing_params = sorted(k or "<the whole Params object>" for k in keys
                             if not any(k == p or k.startswith(p + ".") for p in params))
     assert not missing_deps, f"{name}: dvc.yaml deps lack {missing_deps} (its command `{stage['cmd']}` runs them)"
+    # and no more: a code dep (a file, or a folder of code) is code the command runs, so an edit re-runs only its stages
+    extra_deps = sorted(str(d) for d in deps if d.parts[0] == "kdas" and d not in files and
+                        (d.suffix == ".py" or any(f.relative_to(ROOT) not in files for f in (ROOT / d).rglob("*.py"))))
+    assert not extra_deps, f"{name}: dvc.yaml deps list {extra_deps}, which its command `{stage['cmd']}` does not run"
     assert not missing_params, f"{name}: dvc.yaml params lack {missing_params} (its command `{stage['cmd']}` reads them)"
 
 
 def test_the_analysis_finds_what_it_must() -> None:
     """The reader itself, on commands whose reads are known: it cannot pass by seeing nothing."""
     files, keys = stage_reads("kdas train teacher")
-    assert {Path("kdas/cli.py"), Path("kdas/config.py"), Path("kdas/training/engine.py"), Path("kdas/metrics.py"),
-            Path("kdas/checkpoint.py"), Path("kdas/io.py"), Path("kdas/models/polyp_pvt.py")} <= files
+    assert {Path("kdas/cli.py"), Path("kdas/training/command.py"), Path("kdas/config.py"), Path("kdas/training/engine.py"),
+            Path("kdas/metrics.py"), Path("kdas/checkpoint.py"), Path("kdas/io.py"), Path("kdas/models/polyp_pvt.py"),
+            Path("kdas/tracking/runs.py")} <= files
     assert {"train.nproc_per_node", "model.teacher", "model.teacher.weights", "train"} <= keys
     assert not any(k.startswith("model.student") for k in keys)
+    # what the teacher's training does not run: the exporter, the registry, other commands
+    assert not files & {Path("kdas/export.py"), Path("kdas/inference.py"), Path("kdas/tracking/registry.py"),
+                        Path("kdas/tracking/served.py"), Path("kdas/data/commands.py")}
+    assert not any(f.parent == Path("kdas/commands") for f in files)
     files, keys = stage_reads("kdas train student")
     assert {"distill", "model.student"} <= keys and not any(k.startswith("model.teacher") for k in keys)
     assert "distill" not in stage_reads("kdas train teacher")[1]  # the teacher's stage is not re-run by a distill key
     files, keys = stage_reads("kdas register --role student")
-    assert {"register.student_name", "register.teacher_name"} <= keys and Path("kdas/cli.py") in files
+    assert {"register.student_name", "register.teacher_name"} <= keys  # through cli.registry_name
+    assert {Path("kdas/cli.py"), Path("kdas/commands/register.py"), Path("kdas/tracking/registry.py")} <= files
     files, keys = stage_reads("kdas data synth")
     assert keys >= {"data.synth", "data.synth.n_images"} and all(k.startswith("data.synth") for k in keys)
-    assert Path("kdas/data/synth.py") in files
+    assert {Path("kdas/data/synth.py"), Path("kdas/data/commands.py"), Path("kdas/cli.py")} <= files
+    assert not any(f.parts[1] in ("models", "tracking", "training", "commands") or f.name in ("export.py", "importer.py", "fetch.py")
+                   for f in files), sorted(map(str, files))
+
+
+# ------------------------------------------------------------------------- the lazy command table
+
+
+def test_every_command_of_the_table_loads_and_its_summary_is_its_own() -> None:
+    """cli.COMMANDS: each entry loads the command of that name, and the summary `kdas --help`
+    prints from the table is the first paragraph of the command's help."""
+    for name, (target, summary) in COMMANDS.items():
+        module, attr = target.split(":")
+        command = main.get_command(click.Context(main), name)
+        assert command is getattr(importlib.import_module(module), attr) and command.name == name
+        assert " ".join(command.help.split("\n\n")[0].split()) == summary, f"{name}: COMMANDS holds another summary than its help"
+
+
+@pytest.mark.parametrize("argv, loaded", [(["--help"], set()), (["data", "synth", "--help"], {"kdas.data.commands"})])
+def test_a_command_imports_its_own_module_alone(argv: list[str], loaded: set[str]) -> None:
+    """What the static reading assumes, at run time: `kdas X` imports X's module and no other
+    command's (`kdas --help` none)."""
+    code = ("import sys\nfrom kdas.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    modules = set(out.strip().splitlines()[-1].split())
+    commands = {target.split(":")[0] for target, _ in COMMANDS.values()}
+    assert modules & commands == loaded
+    if "data" in argv:  # the synth stage's command: no model, tracking or export code
+        assert not {m for m in modules if m.startswith(("kdas.models", "kdas.tracking", "kdas.training", "kdas.export", "torch"))}

@@ -1,0 +1,71 @@
+"""`kdas promote` and `kdas rollback`: where the `champion` alias stands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kdas.cli import MANIFEST, REPORTS, params_of, registry_name, role_option
+
+
+@click.command()
+@role_option
+@click.option("--version", "version", help="The version to decide on (default: the one this workspace registered, "
+                                           "in reports/register/<role>.json).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Decision record (default: reports/promotion/<role>.json).")
+@click.pass_context
+def promote(ctx: click.Context, role: str, version: str | None, out: Path | None) -> None:
+    """Move `champion` to a registered version if it passes the gate in params.yaml (register.gate).
+
+    The version this workspace registered, never the `challenger` alias: another run may
+    have moved it. Like for like: a champion scored on other test data is first evaluated on this
+    workspace's test sets. Exits 0 either way; the decision and its evidence are printed, written to --out and
+    tagged on the model version.
+    """
+    from dataclasses import asdict
+
+    from kdas.io import write_text
+    from kdas.tracking import registry
+    from kdas.tracking.references import resolve_model_file
+
+    params = params_of(ctx)
+
+    def evaluate_champion(uri: str) -> tuple[dict[str, float], str]:
+        """The champion on the challenger's test sets (this workspace's manifest)."""
+        from kdas.data.manifest import read_manifest
+        from kdas.evaluation import evaluate_model
+        from kdas.inference import Segmenter
+
+        click.echo(f"{uri} was scored on other data: evaluating it on this workspace's test sets first")
+        seg = Segmenter.load(resolve_model_file(uri))
+        result = evaluate_model(seg, read_manifest(MANIFEST), REPORTS / "promotion" / f"{role}-champion",
+                                batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
+        return result["datasets"]["mean"], result["data"]
+
+    name = registry_name(ctx, role)
+    if version is None:
+        registered = REPORTS / "register" / f"{role}.json"
+        record = json.loads(registered.read_text()) if registered.exists() else {}
+        if record.get("name") != name:
+            raise click.ClickException(f"{registered}: no version of {name} registered here; run `kdas register --role {role}` "
+                                       "first, or pass --version")
+        version = str(record["version"])
+    decision = registry.promote(name, params.register.gate, evaluate_champion, version=version)
+    out = out or REPORTS / "promotion" / f"{role}.json"
+    write_text(out, json.dumps(asdict(decision), indent=2))
+    verdict = "promoted" if decision.promoted else "not promoted"
+    click.echo(f"{name} version {decision.challenger}: {verdict}: {decision.reason}")
+
+
+@click.command()
+@role_option
+@click.pass_context
+def rollback(ctx: click.Context, role: str) -> None:
+    """Put `champion` back on the version that held it before."""
+    from kdas.tracking import registry
+
+    name = registry_name(ctx, role)
+    version = registry.rollback(name)
+    click.echo(f"{name}: champion is version {version} again")
