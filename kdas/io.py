@@ -15,8 +15,10 @@ import hashlib
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -142,6 +144,18 @@ def folder_lock(folder: str | Path, holder: str) -> contextlib.AbstractContextMa
     folder.mkdir(parents=True, exist_ok=True)
     return exclusive(folder / ".kdas.lock", holder, lambda who: FolderBusyError(
         f"{folder}: {who} is writing into it; wait for it to end or stop it, or write elsewhere (--out)"))
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why the host of an http(s) `url` takes no TCP connection within `timeout` s, or None
+    when it does: a quick probe before clients that retry for minutes."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
+
+from kdas.io import unreachable
 
 from .polyp_pvt import PolypPVT
 from .weights import load_backbone_weights
@@ -48,12 +48,7 @@ def resolve_backbone(name: str, backbone: str | None = None) -> str:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe of the model hub: offline, timm's downloader retries for a minute."""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout) is None
 
 
 def check_weights(weights: str, backbone: str) -> None:

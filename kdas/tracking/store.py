@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from kdas.io import unreachable
 
 EXPERIMENT_ENV = "KDAS_EXPERIMENT"
 DEFAULT_EXPERIMENT = "kdas"
@@ -54,15 +55,11 @@ def get_client() -> MlflowClient:
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """A tracking server that does not answer fails in seconds, with what to do (MLflow's
     own client retries for minutes, then raises a traceback)."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
+    if urlparse(uri).scheme not in ("http", "https"):
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout).close()
-    except OSError as exc:
-        raise RuntimeError(f"the MLflow tracking server {uri} does not answer ({exc.strerror or exc}); start it "
-                           "(see mlflow/README.md) or unset MLFLOW_TRACKING_URI to use the project's own store") from None
+    if why := unreachable(uri, timeout):
+        raise RuntimeError(f"the MLflow tracking server {uri} does not answer ({why}); start it "
+                           "(see mlflow/README.md) or unset MLFLOW_TRACKING_URI to use the project's own store")
 
 
 def store_error(exc: BaseException) -> str | None:
