@@ -103,6 +103,29 @@ def mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def dvc_project(folder: Path, mlflow_template_db: Path, params: dict[tuple, object]) -> Path:
+    """The project's dvc.yaml, params.yaml (with `params`, {key path: value}, set) and kdas code
+    in `folder`, with its own MLflow store, in git + DVC: DVC hashes this copy of the code,
+    the stages run the installed kdas."""
+    import yaml
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copytree(ROOT / "kdas", folder / "kdas", ignore=shutil.ignore_patterns("__pycache__"))
+    tree = yaml.safe_load((folder / "params.yaml").read_text())
+    for path, value in params.items():
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    (folder / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    (folder / "mlflow").mkdir()
+    shutil.copy(mlflow_template_db, folder / "mlflow" / "mlflow.db")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=folder, check=True, env=tool_environ())
+    return folder
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template_db: Path) -> Iterator[Path]:
     """tmp_path as the project (the cwd) with its own MLflow store: a copy of the migrated

@@ -4,7 +4,6 @@ all the same (issue 23): nothing left running, DVC's lock free, the training run
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +12,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import MLFLOW_QUIET, ROOT, tool_environ
-from test_pipeline import TINY, _set
+from conftest import MLFLOW_QUIET, ROOT, dvc_project, tool_environ
+from test_pipeline import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -25,18 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 @pytest.fixture
 def project(tmp_path: Path, mlflow_template_db: Path) -> Path:
     """The project's DAG and code with the tiny profile, training long enough to be stopped."""
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "kdas", tmp_path / "kdas", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    for path, value in {**TINY, ("train", "epochs"): 500}.items():
-        _set(params, path, value)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (tmp_path / "mlflow").mkdir()
-    shutil.copy(mlflow_template_db, tmp_path / "mlflow" / "mlflow.db")
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True, env=tool_environ())
-    return tmp_path
+    return dvc_project(tmp_path, mlflow_template_db, {**TINY, ("train", "epochs"): 500})
 
 
 def training(flow: psutil.Process) -> psutil.Process | None:

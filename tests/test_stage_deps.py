@@ -6,7 +6,6 @@ training command does not."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MLFLOW_QUIET, ROOT, tool_environ
-from test_pipeline import TINY, _set
+from conftest import MLFLOW_QUIET, ROOT, dvc_project, tool_environ
+from test_pipeline import TINY
 
 MODEL_CODE = ("kdas/models/", "kdas/training/", "kdas/tracking/", "kdas/commands/", "kdas/export.py", "kdas/inference.py",
               "kdas/checkpoint.py", "kdas/losses.py")
@@ -29,19 +28,8 @@ def test_the_synth_stage_lists_no_model_tracking_or_export_code() -> None:
 
 @pytest.fixture
 def project(tmp_path: Path, mlflow_template_db: Path) -> Path:
-    """The project's DAG and code with the tiny profile (one epoch), in git + DVC."""
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "kdas", tmp_path / "kdas", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    for path, value in {**TINY, ("train", "epochs"): 1}.items():
-        _set(params, path, value)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (tmp_path / "mlflow").mkdir()
-    shutil.copy(mlflow_template_db, tmp_path / "mlflow" / "mlflow.db")
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True, env=tool_environ())
-    return tmp_path
+    """The project's DAG and code with the tiny profile, one epoch."""
+    return dvc_project(tmp_path, mlflow_template_db, {**TINY, ("train", "epochs"): 1})
 
 
 def dvc(project: Path, *args: str) -> str:
