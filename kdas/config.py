@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
@@ -170,6 +171,18 @@ class ServeParams:
 
 
 @dataclass(frozen=True, config=SCHEMA)
+class ServingConfig(ServeParams):
+    """What a served version enforces and how it runs (its MLmodel's model_config):
+    params.yaml's `serve` budget, at most `max_side` (validation.max_size) a side per image,
+    and the runtime: the kdas model file on torch, or its ONNX export on onnxruntime."""
+
+    max_side: Annotated[Int, Field(ge=1, le=10**5)]
+    device: Str = "auto"
+    batch_size: Annotated[Int, Field(ge=1, le=10**4)] = 8
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+
+
+@dataclass(frozen=True, config=SCHEMA)
 class Params:
     data: DataParams
     validation: ValidationParams
@@ -191,9 +204,9 @@ def _params_schema() -> TypeAdapter[Params]:
     return TypeAdapter(Params)
 
 
-def _field(loc: tuple[Any, ...]) -> FieldInfo | None:
-    """The Params field at `loc` (an error's location: section, key, ...), if it is one."""
-    cls, info = Params, None
+def _field(loc: tuple[Any, ...], root: type = Params) -> FieldInfo | None:
+    """The field of `root` at `loc` (an error's location: section, key, ...), if it is one."""
+    cls, info = root, None
     for part in loc:
         known = getattr(cls, "__pydantic_fields__", {})
         if not isinstance(part, str) or part not in known:
@@ -221,7 +234,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p != "[key]").lstrip(".")
 
 
-def _one_line(exc: ValidationError, where: str) -> str:
+def _one_line(exc: ValidationError, where: str, root: type = Params) -> str:
     """The first of pydantic's errors as one line naming the file and the dotted key; unknown
     keys first, all those of one mapping together (pydantic lists them last, one by one)."""
     errors = exc.errors(include_url=False)
@@ -231,12 +244,12 @@ def _one_line(exc: ValidationError, where: str) -> str:
     key, section = _dotted(loc), f"{where}: {_dotted(loc[:-1])}: " if loc[:-1] else f"{where}: "
     if unknown:
         names = sorted((e["loc"][-1] for e in unknown if e["loc"][:-1] == loc[:-1]), key=str)
-        mapping = _field(loc[:-1])
-        known = sorted(getattr(mapping.annotation if mapping else Params, "__pydantic_fields__", {}))
+        mapping = _field(loc[:-1], root)
+        known = sorted(getattr(mapping.annotation if mapping else root, "__pydantic_fields__", {}))
         return f"{section}unknown key(s) {names}; known: {known}"
     if kind == "missing":
         return f"{section}missing key '{loc[-1]}'"
-    info = _field(loc)
+    info = _field(loc, root)
     nullable = info is not None and type(None) in get_args(info.annotation)
     if kind in ("greater_than_equal", "less_than_equal") and info is not None:
         lo, hi = _bounds(info)
@@ -346,6 +359,15 @@ def serving_limits(serve: ServeParams, max_side: int) -> dict[str, Any]:
     """What a served model enforces (kdas.tracking's serving_config): the request budget and
     threshold of `serve`, and at most `max_side` (validation.max_size) a side per image."""
     return {"max_side": max_side, **asdict(serve)}
+
+
+def check_serving_config(given: Mapping[str, Any]) -> dict[str, Any]:
+    """A served model's config checked against ServingConfig, its runtime defaults filled in;
+    a ValueError of one line naming the key otherwise."""
+    try:
+        return asdict(TypeAdapter(ServingConfig).validate_python(dict(given)))
+    except ValidationError as exc:
+        raise ValueError(_one_line(exc, "serving_config", ServingConfig)) from None
 
 
 def profile_updates(params: Params, name: str) -> dict[str, Any]:

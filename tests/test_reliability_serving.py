@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import PARAMS, SERVE
 from kdas.tracking.served import SegmenterModel
-from kdas.tracking.served import _serving_config
+from kdas.config import check_serving_config
 
 
 def declared(width: int, height: int) -> str:
@@ -35,7 +35,7 @@ def model(**config) -> SegmenterModel:
     """The pyfunc as `load_context` leaves it, minus the network: every refusal below comes
     before the model would be used."""
     served = SegmenterModel()
-    served.config = _serving_config({**SERVE, **config})
+    served.config = check_serving_config({**SERVE, **config})
     return served
 
 
@@ -67,10 +67,14 @@ def test_decoded_pixels_are_budgeted_per_request(big):
 
 
 def test_budget_keys_are_serving_config_keys():
-    config = _serving_config({**SERVE, "max_rows": 4, "max_pixels": 10**6})
+    config = check_serving_config({**SERVE, "max_rows": 4, "max_pixels": 10**6})
     assert config["max_rows"] == 4 and config["max_pixels"] == 10**6 and config["max_side"] == PARAMS.validation.max_size
     assert config["runtime"] == "torch"  # how it runs has a default; what it enforces comes from params.yaml
-    with pytest.raises(ValueError, match="unknown serving_config key"):
-        _serving_config({**SERVE, "max_request_rows": 4})
-    with pytest.raises(ValueError, match="serving_config lacks threshold: pass kdas.config.serving_limits"):
-        _serving_config({k: v for k, v in SERVE.items() if k != "threshold"})
+    with pytest.raises(ValueError, match=r"serving_config: unknown key\(s\) \[.max_request_rows.\]"):
+        check_serving_config({**SERVE, "max_request_rows": 4})
+    with pytest.raises(ValueError, match="^serving_config: missing key 'threshold'$"):
+        check_serving_config({k: v for k, v in SERVE.items() if k != "threshold"})
+    with pytest.raises(ValueError, match=r"^serving_config: runtime must be one of torch, onnxruntime, not 'tensorrt'$"):
+        check_serving_config({**SERVE, "runtime": "tensorrt"})
+    with pytest.raises(ValueError, match=r"^serving_config: max_rows = 0 is out of range \[1, 10000\]$"):
+        check_serving_config({**SERVE, "max_rows": 0})

@@ -25,11 +25,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from kdas.config import GateParams
+from kdas.config import GateParams, check_serving_config
 from kdas.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
 from kdas.provenance import flatten, git_tags, lineage_tags
 from kdas.tracking.runs import log_metrics, model_run
-from kdas.tracking.served import MODEL_FILE_ARTIFACT, _serving_config, log_segmenter
+from kdas.tracking.served import MODEL_FILE_ARTIFACT, log_segmenter
 from kdas.tracking.store import get_client, project_dir
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
@@ -110,7 +110,7 @@ def register_model(
     from kdas.checkpoint import load_model
 
     model_file = Path(model_file)
-    config = _serving_config(serving_config)  # fail before touching the registry
+    config = check_serving_config(serving_config)  # fail before touching the registry
     if config["runtime"] == "onnxruntime" and not onnx:
         raise ValueError("serving_config runtime onnxruntime needs the ONNX export: register with onnx=True")
     loaded = load_model(model_file)  # (a bad file, too)

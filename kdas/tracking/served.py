@@ -19,18 +19,13 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from kdas.codec import BadImage, check_header, decode, encode_image, image_bytes, png_base64
+from kdas.config import check_serving_config
 from kdas.tracking.runs import _require_run
 
-# What a served version enforces, written into its MLmodel (model_config) so that it is
-# visible and stays fixed for that version. The limits come from params.yaml
-# (kdas.config.serving_limits): the budget of one request, checked from the image headers
-# before any pixel is decoded (a 10 KB PNG can declare 4096 x 4096): at most max_rows
-# images, at most max_pixels pixels in all, each at most max_side a side; and the mask
-# threshold. How it runs has defaults: runtime "torch" (the kdas model file) or
-# "onnxruntime" (the ONNX export logged beside it).
-SERVING_LIMITS = ("max_side", "max_rows", "max_pixels", "threshold")
-RUNTIME_DEFAULTS = {"device": "auto", "batch_size": 8, "runtime": "torch"}
-RUNTIMES = ("torch", "onnxruntime")
+# What a served version enforces and how it runs (kdas.config.ServingConfig, checked by
+# kdas.config.serving_config) is written into its MLmodel (model_config), so that it is
+# visible and stays fixed for that version: the budget of one request, checked from the
+# image headers before any pixel is decoded (a 10 KB PNG can declare 4096 x 4096).
 
 MODEL_FILE_ARTIFACT = "model_file"  # the kdas model file's name among a logged model's artifacts
 ONNX_ARTIFACT = "onnx_model"  # its ONNX export (kdas.export), logged with it by register_model
@@ -51,7 +46,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        self.config = _serving_config(context.model_config or {})
+        self.config = check_serving_config(context.model_config or {})
         if self.config["runtime"] == "onnxruntime":  # no torch needed
             from kdas.export import OnnxSegmenter
 
@@ -145,18 +140,6 @@ def _input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [encode_image(image)]})
 
 
-def _serving_config(given: Mapping[str, Any]) -> dict[str, Any]:
-    known = set(SERVING_LIMITS) | set(RUNTIME_DEFAULTS)
-    if unknown := set(given) - known:
-        raise ValueError(f"unknown serving_config key(s) {sorted(unknown)}; known: {sorted(known)}")
-    if missing := [k for k in SERVING_LIMITS if k not in given]:
-        raise ValueError(f"serving_config lacks {', '.join(missing)}: pass kdas.config.serving_limits(params.serve, params.validation.max_size)")
-    config = {**RUNTIME_DEFAULTS, **given}
-    if config["runtime"] not in RUNTIMES:
-        raise ValueError(f"serving_config runtime {config['runtime']!r}: expected one of {', '.join(RUNTIMES)}")
-    return config
-
-
 def log_segmenter(model_file: str | Path, serving_config: Mapping[str, Any], name: str = "model",
                   onnx_file: str | Path | None = None) -> Any:
     """Log a kdas model file as a pyfunc model in the active run; returns MLflow's ModelInfo.
@@ -166,10 +149,10 @@ def log_segmenter(model_file: str | Path, serving_config: Mapping[str, Any], nam
     "onnxruntime"}``), the code file above, a copy of the ``kdas`` package (``code_paths``:
     the model serves with the code it was logged with), the signature, a PNG input example,
     pinned pip requirements and `serving_config`: the limits of kdas.config.serving_limits,
-    and optionally device, batch_size and runtime (RUNTIME_DEFAULTS).
+    and optionally device, batch_size and runtime (kdas.config.ServingConfig's defaults).
     """
     _require_run()
-    config = _serving_config(serving_config)
+    config = check_serving_config(serving_config)
     if config["runtime"] == "onnxruntime" and onnx_file is None:
         raise ValueError("serving_config runtime onnxruntime needs the ONNX export (onnx_file)")
     artifacts = {MODEL_FILE_ARTIFACT: os.fspath(model_file)}
