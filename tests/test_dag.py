@@ -28,9 +28,9 @@ import click
 import pytest
 import yaml
 
+from helpers import ROOT
 from kdas.cli import COMMANDS, main
 
-ROOT = Path(__file__).resolve().parents[1]
 # the command layer: cli.py and the modules of the commands; a command runs their top level
 # and the functions it calls, not all they import (each command imports its own needs)
 COMMAND_LAYER = {"kdas.cli"} | {target.split(":")[0] for target, _ in COMMANDS.values()}

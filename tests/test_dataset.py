@@ -6,7 +6,7 @@ import albumentations as A
 import numpy as np
 import torch
 
-from conftest import make_dataset
+from helpers import make_dataset
 from kdas.config import SplitParams, SynthParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.data.manifest import build_manifest

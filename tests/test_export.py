@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import DATASETS, SERVE, tool_environ
+from helpers import DATASETS, SERVE, tool_environ
 from kdas import export
 from kdas.checkpoint import save_model
 from kdas.data.synth import synth_frame

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import MAX_NONBINARY, write_pair
+from helpers import MAX_NONBINARY, write_pair
 from kdas.data import catalog
 from kdas.data.fetch import FetchError, fetch
 from kdas.data.importer import import_dataset

@@ -14,8 +14,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import MLFLOW_QUIET, ROOT, dvc_project, tool_environ
-from test_pipeline import TINY
+from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, tool_environ
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

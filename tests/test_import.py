@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import MAX_NONBINARY, make_dataset, write_pair
+from helpers import MAX_NONBINARY, make_dataset, write_pair
 from kdas.data.importer import ImportError_, import_dataset
 from kdas.io import read_mask, read_rgb
 

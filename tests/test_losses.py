@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DATASETS, ROOT
+from helpers import DATASETS, ROOT
 from kdas.config import load_params
 from kdas.data.transforms import to_tensor
 from kdas.maps import resize

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_dataset, write_pair
+from helpers import make_dataset, write_pair
 from kdas.config import SplitParams, load_params
 from kdas.data.manifest import build_manifest, read_manifest, write_manifest
 from kdas.validation import validate_manifest, write_report

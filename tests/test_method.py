@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kdas
-from conftest import SHARED, tool_environ
+from helpers import SHARED, tool_environ
 from kdas.checkpoint import load_model, save_model
 from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, TrainParams, load_params, use_profile
 from kdas.data.manifest import build_manifest

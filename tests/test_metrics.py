@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from helpers import SHARED
 from kdas.metrics import (
     THRESHOLDS,
     Evaluator,
@@ -20,7 +21,7 @@ from kdas.metrics import (
     read_prediction,
 )
 
-VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "metric-vectors"
+VECTORS = SHARED / "metric-vectors"
 EPS = np.finfo(np.float64).eps
 
 

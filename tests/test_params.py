@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from conftest import ROOT
+from helpers import ROOT
 from kdas.cli import main
 from kdas.config import DistillParams, ParamsError, TeacherTraining, TrainParams, load_params, set_params, use_profile
 

@@ -13,26 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import MLFLOW_QUIET, ROOT, make_dataset, tool_environ
+from helpers import MLFLOW_QUIET, ROOT, TINY, make_dataset, set_key, tool_environ
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    ("data", "synth"): {"n_images": 24, "size": 64, "empty_fraction": 0.1, "seed": 0},
-    ("model", "teacher"): {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0},
-    ("model", "student"): {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0},
-    ("train", "image_size"): 64,
-    ("train", "epochs"): 2,
-    ("train", "workers"): 0,
-    ("evaluate", "grid_size"): 2,
-    ("register", "gate", "floor"): 0.0,
-}
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +35,7 @@ def project(tmp_path_factory, mlflow_template_db, prefect_server):
     shutil.copytree(ROOT / "kdas", root / "kdas", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps hash it
     params = yaml.safe_load((root / "params.yaml").read_text())
     for path, value in TINY.items():
-        _set(params, path, value)
+        set_key(params, path, value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "mlflow").mkdir()
     shutil.copy(mlflow_template_db, root / "mlflow" / "mlflow.db")

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import tool_environ
+from helpers import tool_environ
 
 
 @pytest.mark.slow

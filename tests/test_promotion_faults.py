@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from conftest import SERVE
+from helpers import SERVE
 from kdas.checkpoint import save_model
 from kdas.config import GateParams
 from kdas.models import create_model

@@ -21,7 +21,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import MLFLOW_QUIET, SERVE, free_port, stop, wait_for_http
+from helpers import MLFLOW_QUIET, ROOT, SERVE, free_port, stop, wait_for_http
 from kdas.checkpoint import load_model, save_model
 from kdas.config import GateParams, SplitParams, SynthParams
 from kdas.data.manifest import build_manifest, data_id
@@ -36,7 +36,6 @@ from kdas.tracking.store import EXPERIMENT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = "polyp_pvt_tiny"
 GATE = GateParams(metric="meanDic", margin=0.01, floor=0.2)
 QUIET = {**MLFLOW_QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job consumers: faster, lighter

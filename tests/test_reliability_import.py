@@ -9,24 +9,14 @@ import subprocess
 import sys
 import time
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MAX_NONBINARY, free_port, make_dataset, tool_environ, write_pair
+from helpers import MAX_NONBINARY, free_port, make_dataset, png_declaring, tool_environ, write_pair
 from kdas.data.importer import ImportError_, import_dataset, safe_extract
 from kdas.data.manifest import describe_pair
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A small PNG whose header declares width x height (8-bit grey) over a few rows of data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(width + 1) * 4)) + chunk(b"IEND", b"")
 
 
 def left_in(folder) -> list[str]:

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MAX_NONBINARY, ROOT, make_dataset
+from helpers import MAX_NONBINARY, ROOT, make_dataset, png_declaring
 from kdas.config import SplitParams
 from kdas.data.importer import import_dataset
 from kdas.data.manifest import build_manifest
 from kdas.io import atomic_dir, atomic_path, write_text
-from test_reliability_import import png_declaring
 
 # a writer that dies (SIGKILL) half-way: what it leaves is what a killed import or save leaves
 WRITER = textwrap.dedent("""\

@@ -13,9 +13,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import make_dataset
+from helpers import make_dataset, png_declaring
 from kdas.cli import main
-from test_reliability_import import png_declaring
 
 
 def kdas(*args: str):

@@ -8,7 +8,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import MAX_NONBINARY, make_dataset
+from helpers import MAX_NONBINARY, make_dataset
 from kdas.cli import main
 from kdas.config import ParamsError, load_params
 from kdas.data.importer import import_dataset

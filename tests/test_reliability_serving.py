@@ -14,7 +14,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import PARAMS, SERVE
+from helpers import PARAMS, SERVE
 from kdas.tracking.served import SegmenterModel
 from kdas.config import check_serving_config
 

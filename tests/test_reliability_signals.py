@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, tool_environ
+from helpers import ROOT, tool_environ
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

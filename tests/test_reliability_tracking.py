@@ -19,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import MLFLOW_QUIET, ROOT, free_port, stop, tool_environ, wait_for_http
+from helpers import MLFLOW_QUIET, ROOT, free_port, stop, tool_environ, wait_for_http
 from kdas.tracking.runs import BOUNDED_HTTP, PARENT_RUN_ENV, TrainingLog, stage_run
 from kdas.tracking.store import EXPERIMENT_ENV
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import ROOT, tool_environ
+from helpers import ROOT, tool_environ
 from kdas.io import FolderBusyError, folder_lock
 
 HOLDER = textwrap.dedent("""\

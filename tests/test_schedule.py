@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, stop, wait_for_http
+from helpers import ROOT, free_port, stop, wait_for_http
 
-ROOT = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).parent / "prefect"
 CRON = "0 3 * * 1"
 

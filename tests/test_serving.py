@@ -22,7 +22,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import MLFLOW_QUIET, SERVE, free_port, stop, wait_for_http
+from helpers import MLFLOW_QUIET, SERVE, free_port, stop, wait_for_http
 from kdas.checkpoint import save_model
 from kdas.codec import decode_mask
 from kdas.config import GateParams

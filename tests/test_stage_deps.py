@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MLFLOW_QUIET, ROOT, dvc_project, tool_environ
-from test_pipeline import TINY
+from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, tool_environ
 
 MODEL_CODE = ("kdas/models/", "kdas/training/", "kdas/tracking/", "kdas/commands/", "kdas/export.py", "kdas/inference.py",
               "kdas/checkpoint.py", "kdas/losses.py")

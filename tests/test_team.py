@@ -23,9 +23,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import MLFLOW_QUIET, ROOT, stop, tool_environ
+from helpers import MLFLOW_QUIET, ROOT, TINY, set_key, stop, tool_environ
 from pipelines.stack import BUCKET, S3_KEY_ID, S3_REGION, S3_SECRET, TeamStack
-from test_pipeline import TINY, _set
 
 pytestmark = [pytest.mark.team, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,7 +71,7 @@ def make_clone(root: Path, seed: int, stack: TeamStack, env: dict[str, str]) -> 
     shutil.copytree(ROOT / "kdas", root / "kdas", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps hash it
     params = yaml.safe_load((root / "params.yaml").read_text())
     for path, value in {**TINY, ("train", "seed"): seed, ("distill", "seed"): seed}.items():
-        _set(params, path, value)
+        set_key(params, path, value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     remote = stack.dvc_remote
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "remote", "add", "-d", "team", remote["url"]],

@@ -12,12 +12,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tool_environ
+from helpers import ROOT, tool_environ
 from kdas.promotion import metric_tags
 from kdas.tracking.runs import PARENT_RUN_ENV, log_artifacts, log_data_lineage, log_dict, log_metrics, pipeline_run, stage_run
 from kdas.tracking.store import EXPERIMENT_ENV, tracking_uri
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _client() -> MlflowClient:
