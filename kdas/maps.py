@@ -30,7 +30,13 @@ def prepare(logits: np.ndarray, preparation: str) -> np.ndarray:
     """HxW logits -> HxW float32 map in [0, 1], prepared as named (see PREPARATIONS)."""
     if preparation not in PREPARATIONS:
         raise ValueError(f"unknown map preparation {preparation!r}; expected one of {', '.join(PREPARATIONS)}")
-    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+    # in place, one float32 map: a 9000 px square image's temporaries took gigabytes
+    prob = np.negative(logits, dtype=np.float32)
+    np.exp(prob, out=prob)
+    prob += 1.0
+    np.reciprocal(prob, out=prob)
     if preparation == "published":
-        prob = (prob - prob.min()) / (prob.max() - prob.min() + 1e-8)
-    return prob.astype(np.float32)
+        low, high = prob.min(), prob.max()
+        prob -= low
+        prob /= np.float32(high - low + 1e-8)
+    return prob
