@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from prefect.concurrency.sync import concurrency  # noqa: E402
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound  # noqa: E402
 
 from kdas.config import Params, load_params, profile_updates, set_params  # noqa: E402
+from kdas.io import exclusive  # noqa: E402
 from kdas.provenance import dvc_hashes  # noqa: E402
 from kdas.tracking.references import resolve_model_file  # noqa: E402
 from kdas.tracking.registry import CHAMPION, champion_metrics  # noqa: E402
@@ -76,27 +76,13 @@ class WorkspaceBusy(RuntimeError):
     pass
 
 
-@contextlib.contextmanager
-def workspace_lock(workspace: Path) -> Iterator[None]:
+def workspace_lock(workspace: Path) -> contextlib.AbstractContextManager[None]:
     """One flow run per workspace: a second one is refused at once (instead of failing
     half-way on DVC's own lock)."""
     path = workspace / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise WorkspaceBusy(f"another retrain flow is running in {workspace.resolve()} ({fh.read().strip()}); "
-                                "wait for it to finish, or run in another clone") from None
-        fh.truncate(0)
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.truncate(0)
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return exclusive(path, "retrain flow", lambda who: WorkspaceBusy(
+        f"another retrain flow is running in {workspace.resolve()} ({who}); wait for it to finish, or run in another clone"))
 
 
 def _env() -> dict[str, str]:
