@@ -161,3 +161,18 @@ def stop(proc: subprocess.Popen) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.1)
+
+
+def kdas_cli(*args: str) -> tuple[int, str]:
+    """`kdas ARGS` in this process (click's runner): its exit code and its output."""
+    from click.testing import CliRunner
+
+    from kdas.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def left_in(folder: Path) -> list[str]:
+    """The names in `folder`, sorted; none where it does not exist."""
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []

@@ -1,5 +1,5 @@
 """ONNX export, int8 quantisation and onnxruntime inference (kdas.export, `kdas export`,
-`kdas predict --model X.onnx`, the ONNX artifact of a registered version)."""
+`kdas predict --model X.onnx`, the ONNX artifact of a registered version, a full disk)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import DATASETS, SERVE, tool_environ
+from helpers import DATASETS, SERVE, kdas_cli, tool_environ
 from kdas import export
 from kdas.checkpoint import save_model
 from kdas.data.synth import synth_frame
@@ -273,3 +273,14 @@ def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(
         register_model(model_file, "kdas-onnx-test", {}, evaluation_data="synthetic-test",
                        serving_config={**SERVE, "runtime": "onnxruntime"}, onnx=False)
     assert json.dumps(meta)  # plain values only
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_export_is_one_line(workdir, full_disk):
+    from kdas.checkpoint import save_model
+    from kdas.models import create_model
+
+    save_model(workdir / "m.pt", create_model("polyp_pvt_tiny"), image_size=64)  # ~1.8 MB of weights: the export does not fit
+    code, output = kdas_cli("export", "--model", "m.pt", "--out", str(full_disk / "m.onnx"))
+    assert code == 1 and output.startswith("error: disk full") and len(output.strip().splitlines()) == 1
+    assert list(full_disk.iterdir()) == []

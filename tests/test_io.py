@@ -1,5 +1,6 @@
-"""Temporaries of killed writers are swept by the next writer; written files get the
-process's normal permissions; a bad image already in data/raw is one manifest row's error."""
+"""kdas.io: temporaries of killed writers are swept by the next writer; written files get the
+process's normal permissions; kdas never replaces a folder it did not make; a lock per output
+folder names its holder and dies with it."""
 
 from __future__ import annotations
 
@@ -8,16 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import MAX_NONBINARY, ROOT, make_dataset, png_declaring
-from kdas.config import SplitParams
+from helpers import MAX_NONBINARY, ROOT, make_dataset
 from kdas.data.importer import import_dataset
-from kdas.data.manifest import build_manifest
-from kdas.io import atomic_dir, atomic_path, write_text
+from kdas.io import FolderBusyError, atomic_dir, atomic_path, folder_lock, write_text
 
 # a writer that dies (SIGKILL) half-way: what it leaves is what a killed import or save leaves
 WRITER = textwrap.dedent("""\
@@ -93,18 +91,7 @@ def test_written_files_and_folders_get_the_normal_permissions(tmp_path, umask):
     assert (tmp_path / "ds").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
-def test_a_decompression_bomb_in_data_raw_is_one_rows_error(tmp_path):
-    raw = make_dataset(tmp_path / "raw" / "ds", n=4).parent
-    (raw / "ds" / "images" / "img02.png").write_bytes(png_declaring(60000, 60000))
-    start = time.monotonic()
-    df = build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
-    errors = dict(zip(df["id"], df["error"]))
-    assert "img02.png: cannot decode image" in errors["img02"] and "decompression bomb" in errors["img02"]
-    assert [errors[i] for i in ("img00", "img01", "img03")] == ["", "", ""]
-    assert time.monotonic() - start < 30
-
-
-# --------------------------------------------------------------------------- round two: never replace what kdas did not make
+# --------------------------------------------------------------------------- never replace what kdas did not make
 
 
 def synth(project: Path, out: str):
@@ -141,3 +128,31 @@ def test_synth_replaces_its_own_output_and_fills_an_empty_folder(workdir):
         assert result.exit_code == 0, result.output
         assert len(list((workdir / out / "images").iterdir())) == 3 and (workdir / out / ".kdas-made").is_file()
     assert sorted(p.name for p in (workdir / "data" / "raw").iterdir()) == ["synth"]
+
+
+# --------------------------------------------------------------------------- a lock per output folder
+
+
+HOLDER = textwrap.dedent("""\
+    import sys, time
+    from kdas.io import folder_lock
+    with folder_lock(sys.argv[1], "a test holder"):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderBusyError) as busy, folder_lock(tmp_path / "out", "a second writer"):
+            pass
+        assert str(busy.value) == (f"{tmp_path / 'out'}: pid {holder.pid} (a test holder) is writing into it; wait for it to end "
+                                   "or stop it, or write elsewhere (--out)")
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no cleanup ran: the OS releases the lock
+        holder.wait(30)
+    with folder_lock(tmp_path / "out", "the next writer"):
+        assert (tmp_path / "out" / ".kdas.lock").read_text() == f"pid {os.getpid()} (the next writer)\n"

@@ -1,8 +1,10 @@
-"""kdas.metrics: the UACANet/PraNet evaluation protocol, checked against shared test vectors."""
+"""kdas.metrics: the UACANet/PraNet evaluation protocol, checked against shared test vectors;
+`kdas metrics`'s errors, one line each."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import SHARED
+from helpers import SHARED, kdas_cli, make_dataset, png_declaring
 from kdas.metrics import (
     THRESHOLDS,
     Evaluator,
@@ -243,3 +245,19 @@ def test_folders_without_pairs(tmp_path):
         evaluate_folders(tmp_path / "pred", tmp_path / "gt")
     with pytest.raises(MetricsInputError, match="does not exist"):
         evaluate_folders(tmp_path / "missing", tmp_path / "gt")
+
+
+# --------------------------------------------------------------------------- one line, not a traceback
+
+
+@pytest.mark.parametrize("side,rule", [(60000, r"cannot read as an image \(Image size \(3600000000 pixels\) exceeds limit"),
+                                       (10000, r"image too large \(10000x10000 px declared; at most \d+ pixels\)")])
+def test_a_decompression_bomb_in_kdas_metrics_is_one_line(tmp_path, side, rule):
+    gt = make_dataset(tmp_path / "ds", n=2) / "masks"
+    (tmp_path / "pred").mkdir()
+    for name in ("img00.png", "img01.png"):
+        (tmp_path / "pred" / name).write_bytes((gt / name).read_bytes())
+    (tmp_path / "pred" / "img01.png").write_bytes(png_declaring(side, side))
+    code, output = kdas_cli("metrics", str(tmp_path / "pred"), str(gt))
+    assert code == 1 and len(output.strip().splitlines()) == 1
+    assert re.match(rf"error: {re.escape(str(tmp_path / 'pred' / 'img01.png'))}: {rule}", output)

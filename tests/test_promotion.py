@@ -36,3 +36,14 @@ def test_metric_tags_average_the_test_sets():
     assert float(tags["metric.kvasir/meanDic"]) == 0.9
     with pytest.warns(UserWarning, match="not a finite number"):
         assert "metric.x/meanDic" not in metric_tags({"x": {"meanDic": float("nan")}})
+
+
+def test_metric_tags_average_over_test_sets() -> None:
+    tags = metric_tags({"kvasir": {"meanDic": 0.9, "MAE": 0.03}, "cvc/meanDic": 0.7})
+    assert float(tags["metric.meanDic"]) == pytest.approx(0.8)
+    assert float(tags["metric.kvasir/MAE"]) == 0.03
+    assert float(tags["metric.MAE"]) == 0.03
+    # an explicit aggregate wins over the computed mean
+    assert float(metric_tags({"a/meanDic": 0.2, "meanDic": 0.9})["metric.meanDic"]) == 0.9
+    with pytest.warns(UserWarning):
+        assert metric_tags({"a/meanDic": float("nan")}) == {}

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers import MAX_NONBINARY, write_pair
+from helpers import MAX_NONBINARY, free_port, left_in, write_pair
 from kdas.data import catalog
 from kdas.data.fetch import FetchError, fetch
 from kdas.data.importer import import_dataset
@@ -161,3 +161,11 @@ def test_a_corrupt_kept_archive_is_fetched_again(tmp_path, release, kept):
     assert archive.read_bytes() == payload and ReleaseServer.requests == [""]
     fetch("kvasir-seg", downloads, url=release)  # now good: kept, not downloaded again
     assert ReleaseServer.requests == [""]
+
+
+def test_a_fetch_address_ending_in_dotdot_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    port = free_port()  # nobody listens: the download fails at once, named
+    with pytest.raises(FetchError, match=rf"http://127.0.0.1:{port}/x/..: download failed"):
+        fetch("kvasir-seg", tmp_path / "downloads", url=f"http://127.0.0.1:{port}/x/..", timeout=5)
+    assert left_in(tmp_path) == ["downloads"] and left_in(tmp_path / "downloads") == []

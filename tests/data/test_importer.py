@@ -1,7 +1,14 @@
-"""`kdas data import`: every public layout, bad files named, nothing half-written."""
+"""`kdas data import`: every public layout, bad files named, nothing half-written; hostile or
+careless inputs (names, zip bombs, lying headers, corrupt entries, decompression bombs,
+duplicates, a full disk), a release judged whole, in one pass."""
 
 from __future__ import annotations
 
+import os
+import struct
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -9,8 +16,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from helpers import MAX_NONBINARY, make_dataset, write_pair
-from kdas.data.importer import ImportError_, import_dataset
+from helpers import MAX_NONBINARY, kdas_cli, left_in, make_dataset, png_declaring, tool_environ, write_pair
+from kdas.data.importer import ImportError_, import_dataset, safe_extract
+from kdas.data.manifest import describe_pair
 from kdas.io import read_mask, read_rgb
 
 
@@ -191,3 +199,246 @@ def test_import_tracks_with_dvc_in_a_dvc_repo(tmp_path, monkeypatch, tool_env):
     src = make_dataset(tmp_path / "src" / "ds", n=2)
     import_dataset(src, "data/raw", max_nonbinary=MAX_NONBINARY)
     assert (tmp_path / "data" / "raw" / "ds.dvc").exists()
+
+
+def test_a_full_disk_during_import_is_one_line_and_leaves_nothing(workdir, full_disk):
+    src = make_dataset(workdir / "ds", n=12, size=(160, 160))  # ~900 KB of noise: does not fit
+    code, output = kdas_cli("data", "import", str(src), "--raw", str(full_disk / "raw"), "--no-dvc")
+    assert code == 1 and output.startswith("error: disk full") and len(output.strip().splitlines()) == 1
+    assert "nothing half-written was kept" in output
+    assert list((full_disk / "raw").iterdir()) == []
+
+
+def zip_folder(folder, archive):
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, p.relative_to(folder.parent))
+    return archive
+
+
+# --------------------------------------------------------------------------- dataset names
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "a/b", "/ABS", "synth", "Synth", "", "-x", ".hidden", "x" * 65])
+def test_bad_names_are_refused_before_anything_is_written(tmp_path, name):
+    src = make_dataset(tmp_path / "ds", n=1)
+    raw = tmp_path / "data" / "raw"
+    name = str(tmp_path / "victim") if name == "/ABS" else name
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "keep.txt").write_text("mine")
+    with pytest.raises(ImportError_, match=r"invalid dataset name .*lower-case letters.*synth is written by the pipeline"):
+        import_dataset(src, raw, name=name, track=False, max_nonbinary=MAX_NONBINARY)
+    assert not raw.exists()
+    assert [p.name for p in (tmp_path / "victim").iterdir()] == ["keep.txt"]
+
+
+def test_a_release_folder_called_synth_is_refused(tmp_path):
+    make_dataset(tmp_path / "synth", n=1)
+    with pytest.raises(ImportError_, match="invalid dataset name 'synth'"):
+        import_dataset(tmp_path / "synth", tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.slow
+def test_cli_gives_one_line_for_a_bad_name(workdir):
+    src = make_dataset(workdir / "ds", n=1)
+    proc = subprocess.run([sys.executable, "-m", "kdas", "data", "import", str(src), "--name", "..", "--no-dvc"],
+                          capture_output=True, text=True, env=tool_environ(), timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: invalid dataset name '..'") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and not (workdir / "data").exists()
+
+
+# --------------------------------------------------------------------------- zip archives
+
+
+@pytest.mark.slow
+def test_zip_bomb_is_refused_before_extracting(tmp_path):
+    archive = tmp_path / "bomb.zip"  # the probe's case: ~1 MB on disk, one 1 GiB entry
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("ds/masks/a.png", png_declaring(8, 8))
+        with zf.open("ds/images/a.png", "w", force_zip64=True) as fh:
+            block = bytes(1 << 20)
+            for _ in range(1024):
+                fh.write(block)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    start = time.monotonic()
+    with pytest.raises(ImportError_, match=r"bomb.zip: entry 'ds/images/a.png' expands to 1073741824 bytes, at most \d+ allowed"):
+        safe_extract(archive, dest)
+    assert time.monotonic() - start < 1 and not any(dest.iterdir())  # refused from the headers
+    with pytest.raises(ImportError_, match="expands to 1073741824 bytes"):
+        import_dataset(archive, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_header_that_understates_a_size_gains_nothing(tmp_path):
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ds/images/a.png", bytes(3 << 20))  # 3 MiB of zeros
+    data = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local header, central directory
+        at = data.index(signature) + offset
+        data[at : at + 4] = struct.pack("<I", 1000)  # "this entry is 1000 bytes"
+    archive.write_bytes(data)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ImportError_, match=r"liar.zip: entry 'ds/images/a.png' (is corrupt|expands beyond)"):
+        safe_extract(archive, dest, max_entry_bytes=1 << 20)
+    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) <= 1 << 20
+
+
+def test_too_many_entries_or_bytes_in_all(tmp_path):
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(6):
+            zf.writestr(f"ds/images/{i}.png", bytes(1000))
+    with pytest.raises(ImportError_, match="6 entries, at most 5 allowed"):
+        safe_extract(archive, tmp_path, max_entries=5)
+    with pytest.raises(ImportError_, match="expands to 6000 bytes, at most 5999 allowed"):
+        safe_extract(archive, tmp_path, max_total_bytes=5999)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_corrupt_zip_entry_is_named(tmp_path):
+    src = make_dataset(tmp_path / "src" / "ds", n=2)
+    archive = zip_folder(src, tmp_path / "ds.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("ds/images/img01.png")
+    data = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 20
+    data[start : start + 64] = bytes(range(64))  # garbage in the middle of the deflate stream
+    archive.write_bytes(data)
+    with pytest.raises(ImportError_, match=r"ds.zip: entry 'ds/images/img01.png' is corrupt \("):
+        import_dataset(archive, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("size", [(60000, 60000), (10000, 10000)], ids=["pil-bomb", "over-89-mpx"])
+def test_decompression_bomb_is_a_named_error_on_import_and_a_row_error_in_the_manifest(tmp_path, size):
+    src = make_dataset(tmp_path / "ds", n=2)
+    bomb = src / "images" / "img01.png"
+    bomb.write_bytes(png_declaring(*size))
+    with pytest.raises(ImportError_, match=rf"img01.png: (image too large \({size[0]}x{size[1]} px declared|cannot decode image \(Image size)"):
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert left_in(tmp_path / "raw") == []
+    row = describe_pair(str(bomb), str(src / "masks" / "img01.png"))  # already in data/raw: one bad row
+    assert "img01.png" in row["error"] and row["mask_width"] == 96
+
+
+# --------------------------------------------------------------------------- a release is judged whole, in one pass
+
+
+def test_duplicate_ids_are_reported_not_dropped(tmp_path):
+    src = make_dataset(tmp_path / "ds", n=2)
+    write_pair(src / "images", src / "masks", "a", img_ext=".jpg")
+    write_pair(src / "images", tmp_path / "unused", "a", img_ext=".png", seed=1)
+    write_pair(src / "images", src / "masks", "b", mask_ext=".jpg")
+    write_pair(tmp_path / "unused", src / "masks", "b", mask_ext=".png", seed=1)
+    with pytest.raises(ImportError_, match=r"(?s)images/a.jpg: same id as a.png.*masks/b.jpg: same id as b.png"):
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert left_in(tmp_path / "raw") == []
+
+
+def test_every_problem_of_a_release_in_one_error_and_nothing_written(tmp_path):
+    src = make_dataset(tmp_path / "TestDataset" / "kvasir", n=5)
+    make_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", n=2)  # a good dataset of the same release
+    raw = tmp_path / "raw"
+    import_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", raw, track=False, max_nonbinary=MAX_NONBINARY)
+    before = sorted(p.name for p in (raw / "cvc-colondb" / "images").iterdir())
+    write_pair(src / "images", tmp_path / "unused", "lonely")  # unpaired
+    write_pair(src / "images", tmp_path / "unused", "img00", img_ext=".jpg")  # duplicate id
+    Image.fromarray(np.tile(np.linspace(0, 255, 96).astype(np.uint8), (80, 1))).save(src / "masks" / "img01.png")  # soft mask
+    jpg = src / "images" / "img02.png"
+    jpg.write_bytes(jpg.read_bytes()[:200])  # truncated
+    (src / "images" / "img03.png").write_bytes(png_declaring(60000, 60000))  # decompression bomb
+    with pytest.raises(ImportError_) as err:
+        import_dataset(tmp_path / "TestDataset", raw, track=False, max_nonbinary=MAX_NONBINARY)
+    message = str(err.value)
+    assert "5 problem(s), nothing imported" in message
+    for expected in ("img00.jpg: same id as img00.png", "lonely.png: image without mask", "img01.png: not a binary mask",
+                     "img02.png: cannot decode image", "img03.png: cannot decode image"):
+        assert expected in message
+    assert sorted(p.name for p in raw.iterdir()) == ["cvc-colondb"]  # kvasir not written, no temporary left
+    assert sorted(p.name for p in (raw / "cvc-colondb" / "images").iterdir()) == before
+
+
+def test_problems_inside_a_zip_are_named_as_in_the_archive(tmp_path):
+    src = make_dataset(tmp_path / "src" / "ds", n=2)
+    (src / "images" / "img00.png").write_bytes(b"not a png")
+    archive = zip_folder(src, tmp_path / "ds.zip")
+    with pytest.raises(ImportError_, match=rf"{archive}/ds/images/img00.png: cannot decode image"):
+        import_dataset(archive, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+
+
+# --------------------------------------------------------------------------- mask scales and sizes
+
+
+def mask_file(path, pixels: np.ndarray, mode: str | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode).save(path) if mode else Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("scale,dtype", [(1, np.uint8), (1, np.uint16), (255, np.uint16), (65535, np.uint16)],
+                         ids=["0-1 8-bit", "0-1 16-bit", "0-255 16-bit", "0-65535 16-bit"])
+def test_a_mask_on_any_scale_is_imported_as_its_polyp(tmp_path, scale, dtype):
+    src = make_dataset(tmp_path / "ds", n=2)
+    for i in range(2):
+        pixels = np.zeros((80, 96), dtype)
+        pixels[20:40, 24:48] = scale
+        mask_file(src / "masks" / f"img{i:02d}.png", pixels)
+    [out] = import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    stored = np.asarray(Image.open(out / "masks" / "img00.png"))
+    assert set(np.unique(stored)) == {0, 255} and stored[30, 30] == 255 and stored[10, 10] == 0
+    assert describe_pair(str(out / "images" / "img00.png"), str(out / "masks" / "img00.png"))["foreground_fraction"] == pytest.approx(20 * 24 / (80 * 96))
+
+
+def test_a_soft_mask_is_still_refused_on_a_16_bit_scale(tmp_path):
+    src = make_dataset(tmp_path / "ds", n=1)
+    mask_file(src / "masks" / "img00.png", np.tile(np.linspace(0, 65535, 96).astype(np.uint16), (80, 1)))
+    with pytest.raises(ImportError_, match=r"img00.png: not a binary mask"):
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+
+
+def test_a_mask_of_another_size_is_named_by_the_import_itself(tmp_path):
+    src = make_dataset(tmp_path / "ds", n=3)
+    write_pair(tmp_path / "unused", src / "masks", "img01", size=(64, 48))
+    with pytest.raises(ImportError_, match=r"1 problem\(s\), nothing imported:\n  .*masks/img01.png: mask is 64x48 px, its image img01.png is 96x80 px"):
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert left_in(tmp_path / "raw") == []
+
+
+# --------------------------------------------------------------------------- archives past their size, a killed import's scratch
+
+
+def test_an_archive_expanding_far_past_its_size_is_refused_from_its_headers(tmp_path):
+    archive = tmp_path / "small.zip"  # the probe's case scaled down: small on disk, each entry within its limit
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(3):
+            zf.writestr(f"ds/images/{i}.png", bytes(1 << 20))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ImportError_, match=r"small.zip: expands to 3145728 bytes, at most 1048576 allowed \(the least of 100 times its size"):
+        safe_extract(archive, dest, max_entry_bytes=1 << 20)
+    assert not any(dest.iterdir())
+    safe_extract(zip_folder(make_dataset(tmp_path / "src" / "ds", n=2), tmp_path / "ds.zip"), dest, max_entry_bytes=1 << 20)
+
+
+def test_a_killed_imports_scratch_is_removed_by_the_next_import(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this test's own system temporary folder
+    (tmp_path / "tmp").mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "tmp" / f"kdas-import-{dead}-abc" / "ds" / "images").mkdir(parents=True)  # what a killed import leaves
+    (tmp_path / "tmp" / f"kdas-import-{os.getppid()}-def").mkdir()  # a running import's
+    import_dataset(zip_folder(make_dataset(tmp_path / "src" / "ds", n=2), tmp_path / "ds.zip"), tmp_path / "raw", track=False,
+                   max_nonbinary=MAX_NONBINARY)
+    assert left_in(tmp_path / "tmp") == [f"kdas-import-{os.getppid()}-def"]
+
+
+def test_an_alias_name_imports_under_the_catalogue_name_and_gets_its_published_split(tmp_path):
+    [out] = import_dataset(make_dataset(tmp_path / "ds", n=2), tmp_path / "raw", name="kvasir", track=False,
+                           max_nonbinary=MAX_NONBINARY)
+    assert out == tmp_path / "raw" / "kvasir-seg"

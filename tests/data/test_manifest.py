@@ -1,15 +1,18 @@
-"""Manifest + data contract: good data passes, each bad case fails naming file and rule."""
+"""Manifest + data contract: good data passes, each bad case fails naming file and rule; a bad
+file already in data/raw is one row's error or one line, never a hang."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_dataset, write_pair
+from helpers import make_dataset, png_declaring, write_pair
 from kdas.config import SplitParams, load_params
 from kdas.data.manifest import build_manifest, read_manifest, write_manifest
 from kdas.validation import validate_manifest, write_report
@@ -152,3 +155,29 @@ def test_the_same_files_give_the_same_manifest_in_any_clone(tmp_path, monkeypatc
         monkeypatch.chdir(tmp_path / clone)
         frames.append(build_manifest("raw", ["ds"], SPLIT, near_duplicate_distance=4, workers=1))
     assert frames[0].equals(frames[1])
+
+
+# --------------------------------------------------------------------------- one bad file in data/raw
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "broken link"])
+def test_a_special_file_in_data_raw_is_one_line_not_a_hang(tmp_path, kind):
+    raw = make_dataset(tmp_path / "raw" / "ds", n=2).parent
+    special = raw / "ds" / "images" / "img02.png"
+    {"fifo": lambda: os.mkfifo(special), "dev-zero": lambda: special.symlink_to("/dev/zero"),
+     "broken link": lambda: special.symlink_to(tmp_path / "gone.png")}[kind]()
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"images/img02.png: not a regular file \(a device, FIFO, folder or broken link\)"):
+        build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
+    assert time.monotonic() - start < 5
+
+
+def test_a_decompression_bomb_in_data_raw_is_one_rows_error(tmp_path):
+    raw = make_dataset(tmp_path / "raw" / "ds", n=4).parent
+    (raw / "ds" / "images" / "img02.png").write_bytes(png_declaring(60000, 60000))
+    start = time.monotonic()
+    df = build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
+    errors = dict(zip(df["id"], df["error"]))
+    assert "img02.png: cannot decode image" in errors["img02"] and "decompression bomb" in errors["img02"]
+    assert [errors[i] for i in ("img00", "img01", "img03")] == ["", "", ""]
+    assert time.monotonic() - start < 30

@@ -1,4 +1,6 @@
-"""The champion served by `mlflow models serve` (a real subprocess on 127.0.0.1)."""
+"""The champion served by `mlflow models serve` (a real subprocess on 127.0.0.1); the served
+model's budget per request (rows and decoded pixels), checked by the pyfunc itself from the
+image headers before any pixel is decoded."""
 
 from __future__ import annotations
 
@@ -18,20 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from helpers import MLFLOW_QUIET, SERVE, free_port, stop, wait_for_http
+from helpers import MLFLOW_QUIET, PARAMS, SERVE, free_port, stop, wait_for_http
 from kdas.checkpoint import save_model
 from kdas.codec import decode_mask
-from kdas.config import GateParams
+from kdas.config import GateParams, check_serving_config
 from kdas.models import create_model
 from kdas.tracking.registry import promote, register_model
 from kdas.tracking.runs import PARENT_RUN_ENV
+from kdas.tracking.served import SegmenterModel
 from kdas.tracking.store import EXPERIMENT_ENV
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TINY = "polyp_pvt_tiny"
 NAME = "student-served"
@@ -104,6 +106,8 @@ def encoded(width: int, height: int, fmt: str = "PNG", mode: str = "RGB") -> str
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_masks_come_back_at_each_image_size(endpoint: str) -> None:
     status, body = invoke(endpoint, ["image"], [[encoded(70, 50)], [encoded(40, 30, "JPEG", "L")]])
     assert status == 200, body
@@ -120,6 +124,8 @@ def test_masks_come_back_at_each_image_size(endpoint: str) -> None:
 _TRUNCATED_PNG = base64.b64encode(base64.b64decode(encoded(64, 64))[:100]).decode()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -138,6 +144,8 @@ def test_bad_image_is_a_400_naming_the_row(endpoint: str, value: str, message: s
     assert message in body["message"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_over_budget_request_is_a_quick_400(endpoint: str) -> None:
     """The probe's request: 50 rows of tiny PNGs that each declare 4096 x 4096."""
     buf = io.BytesIO()
@@ -149,6 +157,8 @@ def test_over_budget_request_is_a_quick_400(endpoint: str) -> None:
     assert "request too large: 50 rows (at most 32 per request)" in body["message"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     ("columns", "rows", "message"),
     [
@@ -163,6 +173,8 @@ def test_wrong_type_or_column_is_a_4xx(endpoint: str, columns: list[str], rows: 
     assert message in body["message"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_connections_past_the_limit_get_503_in_milliseconds(endpoint: str) -> None:
     host, port = endpoint.removeprefix("http://").split(":")
     held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(CONCURRENCY)]  # three clients, mid-request
@@ -181,6 +193,8 @@ def test_connections_past_the_limit_get_503_in_milliseconds(endpoint: str) -> No
     assert status == 200, body
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_pyfunc_in_process(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
@@ -198,3 +212,67 @@ def test_pyfunc_in_process(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
     with pytest.raises(MlflowException, match="expected a column 'image'"):
         raw.predict(None, pd.DataFrame({"img": ["x"]}))
+
+
+# --------------------------------------------------------------------------- the budget per request, in the pyfunc alone
+
+
+def declared(width: int, height: int) -> str:
+    """A real, tiny PNG of width x height black pixels (~10 KB for 4096 x 4096)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((height, width), np.uint8)).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def big() -> str:
+    return declared(4096, 4096)
+
+
+def pyfunc(**config) -> SegmenterModel:
+    """The pyfunc as `load_context` leaves it, minus the network: every refusal below comes
+    before the model would be used."""
+    served = SegmenterModel()
+    served.config = check_serving_config({**SERVE, **config})
+    return served
+
+
+def refused(served: SegmenterModel, images: list[str]) -> tuple[str, float, float]:
+    proc = psutil.Process()
+    rss = proc.memory_info().rss
+    start = time.monotonic()
+    with pytest.raises(MlflowException) as err:
+        served.predict(None, pd.DataFrame({"image": images}))
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"  # HTTP 400 when served
+    return err.value.message, time.monotonic() - start, (proc.memory_info().rss - rss) / 2**20
+
+
+def test_the_probes_50_rows_of_4096_px_pngs_are_refused_at_once(big):
+    assert len(base64.b64decode(big)) < 20_000
+    message, seconds, grown_mib = refused(pyfunc(), [big] * 50)
+    assert f"request too large: 50 rows (at most {SERVE['max_rows']} per request)" in message
+    assert seconds < 2 and grown_mib < 200
+
+
+def test_decoded_pixels_are_budgeted_per_request(big):
+    message, seconds, grown_mib = refused(pyfunc(), [big] * 8)  # 8 rows: under max_rows
+    assert SERVE["max_pixels"] == 4 * 4096 * 4096  # the numbers below
+    assert f"rows 0 to 4 declare {5 * 4096 * 4096} pixels (at most {4 * 4096 * 4096} per request)" in message
+    assert seconds < 2 and grown_mib < 200
+    small = declared(100, 100)
+    message, _, _ = refused(pyfunc(max_pixels=25_000), [small, small, small])
+    assert "rows 0 to 2 declare 30000 pixels (at most 25000 per request)" in message
+
+
+def test_budget_keys_are_serving_config_keys():
+    config = check_serving_config({**SERVE, "max_rows": 4, "max_pixels": 10**6})
+    assert config["max_rows"] == 4 and config["max_pixels"] == 10**6 and config["max_side"] == PARAMS.validation.max_size
+    assert config["runtime"] == "torch"  # how it runs has a default; what it enforces comes from params.yaml
+    with pytest.raises(ValueError, match=r"serving_config: unknown key\(s\) \[.max_request_rows.\]"):
+        check_serving_config({**SERVE, "max_request_rows": 4})
+    with pytest.raises(ValueError, match="^serving_config: missing key 'threshold'$"):
+        check_serving_config({k: v for k, v in SERVE.items() if k != "threshold"})
+    with pytest.raises(ValueError, match=r"^serving_config: runtime must be one of torch, onnxruntime, not 'tensorrt'$"):
+        check_serving_config({**SERVE, "runtime": "tensorrt"})
+    with pytest.raises(ValueError, match=r"^serving_config: max_rows = 0 is out of range \[1, 10000\]$"):
+        check_serving_config({**SERVE, "max_rows": 0})
