@@ -17,8 +17,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
-from kdas.tracking.served import MODEL_FILE_ARTIFACT
-from kdas.tracking.store import get_client, local_store, tracking_uri
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, local_store, tracking_uri
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # scheme:/... (a 2+ letter scheme: no C:\ drive)
 

@@ -26,11 +26,12 @@ from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from kdas.config import GateParams, check_serving_config
+from kdas.io import file_sha256
 from kdas.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
 from kdas.provenance import flatten, git_tags, lineage_tags
 from kdas.tracking.runs import log_metrics, model_run
-from kdas.tracking.served import MODEL_FILE_ARTIFACT, log_segmenter
-from kdas.tracking.store import get_client, project_dir
+from kdas.tracking.served import log_segmenter
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, project_dir
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
@@ -59,10 +60,6 @@ class RegisteredVersion:
     model_uri: str  # models:/<name>/<version>
     existed: bool = False  # the same model file was registered before (a retry): no new version
     model_id: str | None = None  # the MLflow logged model (its metrics, per test set)
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _data_key(data: str) -> str:

@@ -21,13 +21,13 @@ from mlflow.types import ColSpec, Schema
 from kdas.codec import BadImage, check_header, decode, encode_image, image_bytes, png_base64
 from kdas.config import check_serving_config
 from kdas.tracking.runs import _require_run
+from kdas.tracking.store import MODEL_FILE_ARTIFACT
 
 # What a served version enforces and how it runs (kdas.config.ServingConfig, checked by
 # kdas.config.serving_config) is written into its MLmodel (model_config), so that it is
 # visible and stays fixed for that version: the budget of one request, checked from the
 # image headers before any pixel is decoded (a 10 KB PNG can declare 4096 x 4096).
 
-MODEL_FILE_ARTIFACT = "model_file"  # the kdas model file's name among a logged model's artifacts
 ONNX_ARTIFACT = "onnx_model"  # its ONNX export (kdas.export), logged with it by register_model
 
 

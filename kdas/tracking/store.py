@@ -15,6 +15,7 @@ from kdas.io import unreachable
 EXPERIMENT_ENV = "KDAS_EXPERIMENT"
 DEFAULT_EXPERIMENT = "kdas"
 STORE_DIR = "mlflow"  # relative to the project (the working directory)
+MODEL_FILE_ARTIFACT = "model_file"  # the kdas model file's name among a logged model's artifacts
 # MLflow 3 opens an experiment in its GenAI view unless told this is model training
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 

@@ -75,10 +75,8 @@ def _cmdline(process) -> list[str]:
 
 def run_training(ctx: click.Context, role: str, distill: DistillParams | None, out: Path | None, teacher: Path | None, **kw) -> None:
     """`distill` None: the ground truth alone, and no distill.* key read (the teacher's stage does not depend on them)."""
-    import hashlib
-
     from kdas.data.manifest import data_id, read_manifest
-    from kdas.io import folder_lock
+    from kdas.io import file_sha256, folder_lock
     from kdas.models import resolve_backbone
     from kdas.models.registry import check_weights
     from kdas.tracking.runs import TrainingLog, bound_http_waits, stage_run
@@ -111,7 +109,7 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
         # what the model file records of its origin: its MLflow run, its data, its teacher
         job.info = {"mlflow_run_id": run.info.run_id, "train_data": data_id(job.manifest[job.manifest["split"].isin(["train", "val"])])}
         if teacher is not None and job.method != "none":
-            job.info |= {"teacher": str(teacher), "teacher_sha256": hashlib.sha256(Path(teacher).read_bytes()).hexdigest()}
+            job.info |= {"teacher": str(teacher), "teacher_sha256": file_sha256(teacher)}
         job.on_epoch = epochs = TrainingLog()
         result = run_train(job)
         epochs({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})

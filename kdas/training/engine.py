@@ -38,7 +38,7 @@ from kdas.checkpoint import ModelFile, load_model, save_model, save_torch
 from kdas.config import DistillParams, RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.device import autocast, autocast_dtype, select_device, tune_for_training
-from kdas.io import atomic_path, write_text
+from kdas.io import atomic_path, file_sha256, write_text
 from kdas.metrics import Evaluator, mean_dice
 from kdas.models import OUTPUT_STRIDE, create_model
 from kdas.training.curves import plot_history
@@ -123,7 +123,7 @@ def _rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
 def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
     """What a resumed run must share with the checkpoint: model, params, data and teacher
     (`--resume` of a checkpoint written with other settings starts afresh instead)."""
-    teacher = hashlib.sha256(Path(job.teacher).read_bytes()).hexdigest() if job.teacher and job.method != "none" else ""
+    teacher = file_sha256(job.teacher) if job.teacher and job.method != "none" else ""
     train = {k: v for k, v in dataclasses.asdict(job.train).items() if k not in ("workers", "nproc_per_node")}
     blob = json.dumps([model_config, dataclasses.asdict(job.model), train, job.distill and dataclasses.asdict(job.distill), teacher, ids], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
