@@ -64,12 +64,18 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def store_error(exc: BaseException) -> str | None:
-    """One line for an error of the tracking store itself (MLflow's, or its database's
-    beneath), else None: the command layer prints it instead of a traceback."""
-    if not isinstance(exc, MlflowException) and not type(exc).__module__.startswith("sqlalchemy."):
+    """One line for an error of the tracking store itself (MLflow's, its database's beneath,
+    or its artifact store's), else None: the command layer prints it instead of a traceback."""
+    module = type(exc).__module__
+    text = " ".join(str(exc).split("[SQL:")[0].split())[:300]  # sqlalchemy appends the statement and a link
+    if module.startswith(("botocore.", "boto3.", "s3transfer.")):  # the client writes to S3 itself
+        return (f"the MLflow artifact store ({os.environ.get('MLFLOW_S3_ENDPOINT_URL', 'S3')}) failed: {text}; "
+                "check that it is up, then run the command again")
+    if not isinstance(exc, MlflowException) and not module.startswith("sqlalchemy."):
         return None
-    text = " ".join(str(exc).split("[SQL:")[0].split())  # sqlalchemy appends the statement and a link
-    return f"the MLflow tracking store {tracking_uri()} failed: {text[:300]}"
+    if "mlflow-artifacts" in text:  # the server proxies artifacts: the store behind it failed
+        return (f"the MLflow server {tracking_uri()} could not store artifacts (is its artifact store up?): {text}")
+    return f"the MLflow tracking store {tracking_uri()} failed: {text}"
 
 
 def ensure_experiment(client: MlflowClient | None = None) -> str:
