@@ -33,6 +33,8 @@ SERVE = serving_limits(PARAMS.serve, PARAMS.validation.max_size)
 
 # no telemetry, and never a proxy between a test and its local server
 MLFLOW_QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "NO_PROXY": "127.0.0.1,localhost"}
+# and for an `mlflow server`: no huey job consumers (faster, lighter)
+MLFLOW_SERVER_QUIET = {**MLFLOW_QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 # the tiny profile of the DAG's end-to-end tests: {params.yaml key path: value}
 TINY = {
@@ -119,6 +121,25 @@ def dvc_project(folder: Path, mlflow_template_db: Path, params: dict[tuple, obje
     return folder
 
 
+def tiny_teacher_project(project: Path, **train) -> None:
+    """`project` (the cwd, holding the project's params.yaml) set to train the tiny teacher on 12
+    synthetic 64-px frames with no loader workers and the `train` keys given (epochs, patience),
+    its data made by `kdas data synth` and `kdas data manifest`."""
+    import yaml
+    from click.testing import CliRunner
+
+    from kdas.cli import main
+
+    assert Path.cwd().resolve() == project.resolve(), "kdas runs in the project: chdir there first"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["synth"].update(n_images=12, size=64)
+    params["model"]["teacher"] = dict(TINY[("model", "teacher")])
+    params["train"].update(image_size=64, workers=0, **train)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["data", "synth"], ["data", "manifest"]):
+        assert CliRunner().invoke(main, args).exit_code == 0
+
+
 # --------------------------------------------------------------------------- local servers
 
 
@@ -144,6 +165,24 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on root/mlflow.db (kept across restarts) with proxied artifacts in
+    root/artifacts, at 127.0.0.1:port, in its own session; returns once it answers (its log:
+    root/server.log). Stop it with `stop`."""
+    log = root / "server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **MLFLOW_SERVER_QUIET}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:

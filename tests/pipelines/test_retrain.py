@@ -10,10 +10,9 @@ import subprocess
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from helpers import MLFLOW_QUIET, ROOT, TINY, make_dataset, set_key, tool_environ
+from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, make_dataset, tool_environ
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +28,9 @@ def prefect_server():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_template_db, prefect_server):
     """A git + DVC repository holding the project's DAG, code and tiny params."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, root / name)
-    shutil.copytree(ROOT / "kdas", root / "kdas", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps hash it
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for path, value in TINY.items():
-        set_key(params, path, value)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / "mlflow").mkdir()
-    shutil.copy(mlflow_template_db, root / "mlflow" / "mlflow.db")
+    root = dvc_project(tmp_path_factory.mktemp("project"), mlflow_template_db, TINY)
     shutil.copy(ROOT / ".gitignore", root / ".gitignore")  # DVC metrics and plots files are committed, as in the project
     run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, env=tool_environ(), capture_output=True)  # noqa: E731
-    run("git", "init", "-q")
-    run("dvc", "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the default remote: ../kdas-dvc-remote
     run("git", "add", "-A")
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from helpers import MLFLOW_QUIET, ROOT, SERVE, free_port, kdas_cli, stop, wait_for_http
+from helpers import MLFLOW_SERVER_QUIET, ROOT, SERVE, free_port, kdas_cli, start_mlflow_server, stop
 from kdas.checkpoint import load_model, save_model
 from kdas.config import GateParams, SplitParams, SynthParams
 from kdas.data.manifest import build_manifest, data_id
@@ -44,7 +44,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TINY = "polyp_pvt_tiny"
 GATE = GateParams(metric="meanDic", margin=0.01, floor=0.2)
-QUIET = {**MLFLOW_QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job consumers: faster, lighter
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +52,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -
     root = tmp_path_factory.mktemp("mlflow-server")
     shutil.copy(mlflow_template_db, root / "mlflow.db")
     port = free_port()
-    log = root / "server.log"
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=root, env={**os.environ, **QUIET}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = start_mlflow_server(root, port)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/health", proc, log)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
 
@@ -76,7 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -
 def project(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
-    for key, value in QUIET.items():
+    for key, value in MLFLOW_SERVER_QUIET.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))  # resolve_model_file's downloads
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)

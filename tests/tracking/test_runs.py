@@ -17,10 +17,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from helpers import MLFLOW_QUIET, ROOT, free_port, stop, tool_environ, wait_for_http
+from helpers import MLFLOW_SERVER_QUIET, ROOT, free_port, start_mlflow_server, stop, tiny_teacher_project, tool_environ
 from kdas.tracking.runs import BOUNDED_HTTP, PARENT_RUN_ENV, TrainingLog, log_artifacts, log_data_lineage, log_dict, log_metrics, pipeline_run, stage_run
 from kdas.tracking.store import EXPERIMENT_ENV, tracking_uri
 
@@ -187,20 +186,6 @@ def test_an_unreachable_tracking_server_is_one_line_in_seconds(tmp_path: Path) -
 # --------------------------------------------------------------------------- a tracking server that dies during training
 
 
-QUIET = {**MLFLOW_QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on root/mlflow.db (kept across restarts) at 127.0.0.1:port."""
-    log = root / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("a") as out:
-        proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **QUIET}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for_http(f"http://127.0.0.1:{port}/health", proc, log)
-    return proc
-
-
 @pytest.fixture
 def store(tmp_path: Path, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, int]]:
     """A server's store folder and port, the project (cwd) in tmp_path/project pointing at it."""
@@ -211,7 +196,7 @@ def store(tmp_path: Path, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.chdir(tmp_path / "project")
     port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    for key, value in QUIET.items():
+    for key, value in MLFLOW_SERVER_QUIET.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
     monkeypatch.delenv(EXPERIMENT_ENV, raising=False)
@@ -226,7 +211,7 @@ def test_epochs_logged_while_the_server_is_away_arrive_when_it_returns(store, mo
     for key, value in BOUNDED_HTTP.items():  # what a training command sets (bound_http_waits), for this test only
         monkeypatch.setenv(key, value)
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    server = start_server(root, port)
+    server = start_mlflow_server(root, port)
     try:
         with stage_run("train_teacher") as run:
             epochs = TrainingLog()
@@ -239,7 +224,7 @@ def test_epochs_logged_while_the_server_is_away_arrive_when_it_returns(store, mo
             warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
             assert [m.split(" (")[0] for m in warned] == ["MLflow did not take epoch 2", "MLflow did not take epoch 3"]
             assert all(m.endswith("kept, to be logged when it answers again") for m in warned)
-            server = start_server(root, port)  # the same store at the same address
+            server = start_mlflow_server(root, port)  # the same store at the same address
             epochs({"train_loss": 0.25}, 4)
             assert epochs.unlogged() is None
             stop(server)
@@ -250,7 +235,7 @@ def test_epochs_logged_while_the_server_is_away_arrive_when_it_returns(store, mo
                                          "store stopped answering (the training's own files hold every figure)")
         # ending the run with the server still away: a warning, not an error
         assert "could not be marked FINISHED" in caplog.records[-1].getMessage()
-        server = start_server(root, port)
+        server = start_mlflow_server(root, port)
         client = MlflowClient(uri)
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.25)]
@@ -265,16 +250,8 @@ def test_kdas_train_outlives_its_tracking_server(store, tmp_path):
     root, port = store
     project = Path.cwd()
     shutil.copy(ROOT / "params.yaml", project / "params.yaml")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["synth"].update(n_images=12, size=64)
-    params["model"]["teacher"] = {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0}
-    params["train"].update(image_size=64, epochs=6, workers=0, patience=10)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    from kdas.cli import main
-
-    for args in (["data", "synth"], ["data", "manifest"]):
-        assert CliRunner().invoke(main, args).exit_code == 0
-    server = start_server(root, port)
+    tiny_teacher_project(project, epochs=6, patience=10)
+    server = start_mlflow_server(root, port)
     try:
         train = subprocess.Popen([sys.executable, "-m", "kdas", "train", "teacher"], cwd=project, env=tool_environ(),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

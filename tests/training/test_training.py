@@ -14,10 +14,8 @@ import time
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 
-from helpers import tool_environ
+from helpers import tiny_teacher_project, tool_environ
 from kdas.checkpoint import load_model, save_model
 from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, TrainParams
 from kdas.data.dataset import PolypDataset
@@ -271,15 +269,7 @@ def test_train_compile_runs_the_compiled_model_and_loss(manifest, tmp_path):
 def test_sigterm_ends_the_run_killed_and_a_second_training_into_the_folder_is_refused(workdir, mlflow_store):
     from mlflow.tracking import MlflowClient
 
-    from kdas.cli import main
-
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["data"]["synth"].update(n_images=12, size=64)
-    params["model"]["teacher"] = {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0}
-    params["train"].update(image_size=64, epochs=200, patience=500, workers=0)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["data", "synth"], ["data", "manifest"]):
-        assert CliRunner().invoke(main, args).exit_code == 0
+    tiny_teacher_project(workdir, epochs=200, patience=500)
     first = subprocess.Popen([sys.executable, "-m", "kdas", "train", "teacher"], cwd=workdir, env=tool_environ(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -310,15 +300,7 @@ def test_a_training_whose_dvc_repro_is_killed_stops_instead_of_running_on_as_an_
     import psutil
     from mlflow.tracking import MlflowClient
 
-    from kdas.cli import main
-
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["data"]["synth"].update(n_images=12, size=64)
-    params["model"]["teacher"] = {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0}
-    params["train"].update(image_size=64, epochs=200, patience=500, workers=0)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["data", "synth"], ["data", "manifest"]):
-        assert CliRunner().invoke(main, args).exit_code == 0
+    tiny_teacher_project(workdir, epochs=200, patience=500)
     (workdir / "dvc.yaml").write_text("stages:\n  train_teacher:\n    cmd: kdas train teacher\n    outs:\n      - models/teacher/best.pt\n")
     subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=workdir, check=True, env=tool_environ())
