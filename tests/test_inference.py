@@ -32,3 +32,30 @@ def test_predict_refuses_an_image_past_validation_max_size_before_decoding_it(wo
     assert output.strip().splitlines()[-1] == ("error: wide.png: image too large (4100x8 px; at most 4096 px a side, "
                                                "validation.max_size in params.yaml)")
     assert not any((workdir / "pred").iterdir())
+
+
+def test_maps_are_prepared_in_place_with_the_same_values():
+    """prepare() works in one float32 array (a 9000 px square image's temporaries took
+    gigabytes): its values are those of the plain formulas."""
+    from kdas.maps import prepare
+
+    logits = (np.random.default_rng(0).normal(size=(48, 80)) * 8).astype(np.float32)
+    sigmoid = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    assert np.array_equal(prepare(logits, "calibrated"), sigmoid)
+    published = (sigmoid - sigmoid.min()) / (sigmoid.max() - sigmoid.min() + 1e-8)
+    np.testing.assert_allclose(prepare(logits, "published"), published, atol=1e-7)
+    assert prepare(logits, "published").dtype == np.float32
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1024])
+def test_the_overlay_blends_green_inside_the_mask_alone(rows):
+    from kdas.commands.predict import overlay
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    mask = rng.random((7, 5)) > 0.5
+    blended = overlay(image, mask, rows=rows)
+    expected = (0.5 * image + 0.5 * np.array([0, 255, 0])).astype(np.uint8)
+    assert np.array_equal(blended[~mask], image[~mask])
+    assert np.abs(blended[mask].astype(int) - expected[mask]).max() <= 1
+    assert blended.dtype == np.uint8 and not np.shares_memory(blended, image)

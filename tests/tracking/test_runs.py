@@ -17,11 +17,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from botocore.exceptions import EndpointConnectionError  # moto's, in the test extra
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from helpers import MLFLOW_SERVER_QUIET, ROOT, free_port, start_mlflow_server, stop, tiny_teacher_project, tool_environ
 from kdas.tracking.runs import BOUNDED_HTTP, PARENT_RUN_ENV, TrainingLog, log_artifacts, log_data_lineage, log_dict, log_metrics, pipeline_run, stage_run
-from kdas.tracking.store import EXPERIMENT_ENV, tracking_uri
+from kdas.tracking.store import EXPERIMENT_ENV, store_error, tracking_uri
 
 
 def _client() -> MlflowClient:
@@ -269,3 +271,17 @@ def test_kdas_train_outlives_its_tracking_server(store, tmp_path):
     assert last.startswith("warning: MLflow run ") and "misses" in last and "epoch 6, the final metrics, history.csv" in last
     assert {"best.pt", "last.ckpt", "history.csv", "metrics.json"} <= {p.name for p in (project / "models" / "teacher").iterdir()}
     assert "best val meanDic" in stdout
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (lambda: MlflowException("API request to endpoint /api/2.0/mlflow-artifacts/artifacts/1/x/model_file failed with error "
+                             "code 500 != 200"), "could not store artifacts (is its artifact store up?)"),
+    (lambda: EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b"), "the MLflow artifact store (S3) failed: Could not connect"),
+    (lambda: MlflowException("RESOURCE_DOES_NOT_EXIST: no such run"), "the MLflow tracking store"),
+])
+def test_a_failing_store_is_named_for_what_failed(error, says, monkeypatch):
+    """The artifact store (S3, written by the client or behind the server's proxy) is not blamed on the tracking store."""
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    message = store_error(error())
+    assert says in message and "\n" not in message
+    assert store_error(KeyError("a bug")) is None  # a bug keeps its traceback
