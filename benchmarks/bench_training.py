@@ -175,9 +175,10 @@ def measure(args) -> dict:
             whole = sum(totals.values())
             phases = {k: totals.get(k, 0.0) / whole for k in PHASES} if whole else {}
 
-        kwargs = {"amp": train.amp} if "amp" in inspect.signature(engine.validate).parameters else {}
+        val_dice = getattr(engine, "val_dice", None) or engine.validate  # its name before issue 22
+        kwargs = {"amp": train.amp} if "amp" in inspect.signature(val_dice).parameters else {}
         started = time.perf_counter()
-        engine.validate(trainer.model, trainer.val_data, device, args.batch, **kwargs)
+        val_dice(trainer.model, trainer.val_data, device, args.batch, **kwargs)
         val_ms = (time.perf_counter() - started) / len(trainer.val_data) * 1000
         started = time.perf_counter()
         trainer.save_last(0)

@@ -163,12 +163,12 @@ def _val_maps(model: torch.nn.Module, data: PolypDataset, device: torch.device, 
     progress.close()
 
 
-def validate(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool, desc: str = "val") -> float:
+def val_dice(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool, desc: str = "val") -> float:
     """val meanDic of the standard protocol, the one figure model selection needs each epoch."""
     return float(np.mean([mean_dice(prob, mask) for _, prob, mask in _val_maps(model, data, device, batch_size, amp, desc)]))
 
 
-def validation_report(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool) -> dict[str, float]:
+def val_report(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool) -> dict[str, float]:
     """Every figure of the protocol on val, once, for the selected model."""
     evaluator = Evaluator()
     for name, prob, mask in _val_maps(model, data, device, batch_size, amp, "val (full protocol)"):
@@ -329,7 +329,7 @@ class Trainer:
             metrics = self.train_epoch(epoch)
             self.scheduler.step()
             if self.world.is_main:
-                metrics["val_meanDic"] = validate(self.model, self.val_data, self.device, p.batch_size, p.amp,
+                metrics["val_meanDic"] = val_dice(self.model, self.val_data, self.device, p.batch_size, p.amp,
                                                   f"{self.job.role} val {epoch + 1}/{p.epochs}")
                 metrics["epoch_seconds"] = time.perf_counter() - started
             metrics = broadcast(self.world, metrics)
@@ -370,7 +370,7 @@ class Trainer:
                    "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in self.history)}
         if (self.out_dir / BEST).exists():  # the selected model on val, every figure of the protocol (per epoch only meanDic)
             best = load_model(self.out_dir / BEST, self.device).model
-            summary["val"] = validation_report(best, self.val_data, self.device, self.job.train.batch_size, self.job.train.amp)
+            summary["val"] = val_report(best, self.val_data, self.device, self.job.train.batch_size, self.job.train.amp)
         write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
 
 

@@ -91,7 +91,7 @@ def test_learning_rate_decay_fires(manifest, tmp_path):
 
 def test_early_stopping_and_selection_follow_the_val_score(manifest, tmp_path, monkeypatch):
     scores = iter([0.5, 0.6, 0.55, 0.58, 0.9])
-    monkeypatch.setattr("kdas.training.engine.validate", lambda *a: next(scores))
+    monkeypatch.setattr("kdas.training.engine.val_dice", lambda *a: next(scores))
     result = train(job(manifest, tmp_path, train=dataclasses.replace(TINY, epochs=5, patience=2)))
     assert result.epochs_run == 4 and result.best_epoch == 2 and result.best_val_dice == 0.6
     assert load_model(tmp_path / "best.pt").info["epoch"] == 2
