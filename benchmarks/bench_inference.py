@@ -56,7 +56,7 @@ def worker(spec: dict) -> dict:
             with torch.inference_mode():
                 model(torch.from_numpy(x))
     else:
-        from kdas.export import OnnxSegmenter
+        from kdas.onnx_runtime import OnnxSegmenter
 
         seg = OnnxSegmenter(spec["path"], device="cpu", threads=spec["threads"])
 

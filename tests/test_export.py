@@ -1,4 +1,4 @@
-"""ONNX export, int8 quantisation and onnxruntime inference (kdas.export, `kdas export`,
+"""ONNX export, int8 quantisation and onnxruntime inference (kdas.export, kdas.onnx_runtime, `kdas export`,
 `kdas predict --model X.onnx`, the ONNX artifact of a registered version, a full disk)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers import DATASETS, SERVE, kdas_cli, tool_environ
-from kdas import export
+from kdas import export, onnx_runtime
 from kdas.checkpoint import save_model
 from kdas.data.synth import synth_frame
 from kdas.cli import main
@@ -72,13 +72,13 @@ def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def test_export_carries_metadata_and_a_dynamic_batch(tiny):
     model_file, onnx_file = tiny
-    meta = export.read_metadata(onnx_file)
-    assert meta["format"] == export.FORMAT and meta["precision"] == "fp32"
+    meta = onnx_runtime.read_metadata(onnx_file)
+    assert meta["format"] == onnx_runtime.FORMAT and meta["precision"] == "fp32"
     assert (meta["arch"], meta["backbone"], meta["image_size"], meta["channel"]) == ("polyp_pvt", "test_convnext", SIZE, 32)
     assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.5, 0.5, 0.5]  # the model's own, not ImageNet's
     assert meta["source"] == str(model_file) and meta["kdas_version"] and meta["info"] == {"role": "student", "epoch": 3}
 
-    seg = export.OnnxSegmenter(onnx_file, device="cpu")
+    seg = onnx_runtime.OnnxSegmenter(onnx_file, device="cpu")
     (inp,) = seg.session.get_inputs()
     assert inp.name == "image" and inp.shape[1:] == [3, SIZE, SIZE] and isinstance(inp.shape[0], str)
     assert [o.name for o in seg.session.get_outputs()] == ["logits", "map"]
@@ -93,21 +93,21 @@ def test_fp32_map_matches_torch(tiny):
     model_file, onnx_file = tiny
     images = _images(3) + _synthetic(4)
     torch_maps = Segmenter.load(model_file, "cpu").predict(images, batch_size=3)
-    onnx_maps = export.OnnxSegmenter(onnx_file, "cpu").predict(images, batch_size=3)
+    onnx_maps = onnx_runtime.OnnxSegmenter(onnx_file, "cpu").predict(images, batch_size=3)
     assert _max_diff(onnx_maps, torch_maps) <= PARITY
     # the published preparation too
-    assert _max_diff(export.OnnxSegmenter(onnx_file, "cpu").predict(images[:2], preparation="published"),
+    assert _max_diff(onnx_runtime.OnnxSegmenter(onnx_file, "cpu").predict(images[:2], preparation="published"),
                      Segmenter.load(model_file, "cpu").predict(images[:2], preparation="published")) <= PARITY
 
 
 def test_pvt_v2_b0_student_exports_with_parity(tmp_path):
     model_file = _model_file(tmp_path / "b0.pt", "polyp_pvt_b0", seed=1)
     onnx_file = export.export_onnx(model_file, tmp_path / "b0.onnx", source="models:/kdas-student/7")
-    meta = export.read_metadata(onnx_file)
+    meta = onnx_runtime.read_metadata(onnx_file)
     assert (meta["backbone"], meta["source"]) == ("pvt_v2_b0", "models:/kdas-student/7")
     assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
     images = _images(2) + _synthetic(2)
-    assert _max_diff(export.OnnxSegmenter(onnx_file, "cpu").predict(images),
+    assert _max_diff(onnx_runtime.OnnxSegmenter(onnx_file, "cpu").predict(images),
                      Segmenter.load(model_file, "cpu").predict(images)) <= PARITY
 
 
@@ -143,12 +143,12 @@ def test_int8_cli_round_trip(tiny, tmp_path):
                                        "--manifest", str(_manifest(tmp_path)), "--calibration-images", "4"])
     assert result.exit_code == 0, result.output
     assert "int8" in result.output and out.is_file()
-    meta = export.read_metadata(out)
+    meta = onnx_runtime.read_metadata(out)
     assert meta["precision"] == "int8" and "train split" in meta["calibration"] and meta["image_size"] == SIZE
     images = _synthetic(4)
-    q = export.OnnxSegmenter(out, "cpu")
+    q = onnx_runtime.OnnxSegmenter(out, "cpu")
     assert any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in _graph(out).node)
-    fp32 = export.OnnxSegmenter(onnx_file, "cpu").predict(images)
+    fp32 = onnx_runtime.OnnxSegmenter(onnx_file, "cpu").predict(images)
     int8 = q.predict(images)
     assert [m.shape for m in int8] == [im.shape[:2] for im in images]
     assert max(float(np.abs(a - b).mean()) for a, b in zip(int8, fp32)) < 0.05  # close to fp32, not equal
@@ -206,16 +206,16 @@ def test_a_corrupt_or_foreign_onnx_file_is_a_value_error_naming_it(tiny, tmp_pat
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(tiny[1].read_bytes()[:5000])  # cut short
     with pytest.raises(ValueError, match=f"{corrupt}: not a loadable ONNX model"):
-        export.OnnxSegmenter(corrupt)
+        onnx_runtime.OnnxSegmenter(corrupt)
     foreign = tmp_path / "identity.onnx"
     graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g",
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 4])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 4, 4])])
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(foreign))
     with pytest.raises(ValueError, match=f"{foreign}: not a kdas ONNX export"):
-        export.read_metadata(foreign)
+        onnx_runtime.read_metadata(foreign)
     with pytest.raises(FileNotFoundError, match="kdas export"):
-        export.OnnxSegmenter(tmp_path / "absent.onnx")
+        onnx_runtime.OnnxSegmenter(tmp_path / "absent.onnx")
     result = CliRunner().invoke(main, ["predict", str(_png(tmp_path)), "--model", str(corrupt), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and f"error: {corrupt}: not a loadable ONNX model" in result.output
 
@@ -226,7 +226,7 @@ def _png(tmp_path: Path) -> Path:
 
 
 def test_an_image_of_the_wrong_type_is_a_clear_error(tiny, tmp_path):
-    seg = export.OnnxSegmenter(tiny[1], "cpu")
+    seg = onnx_runtime.OnnxSegmenter(tiny[1], "cpu")
     good = _synthetic(1)[0]
     for bad, says in [(good.astype(np.float32), "float32"), (good[..., 0], r"\(120, 150\)"), (good[..., :2], "shape"),
                       ("frame.png", "str"), (None, "NoneType")]:
@@ -259,11 +259,11 @@ def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(
     tags = client.get_model_version(version.name, version.version).tags
     assert tags["kdas.onnx"] == "artifacts/tiny.onnx"
     local = Path(mlflow.artifacts.download_artifacts(f"{version.model_uri}/artifacts/tiny.onnx"))
-    meta = export.read_metadata(local)
+    meta = onnx_runtime.read_metadata(local)
     assert meta["precision"] == "fp32" and "kdas-onnx-test" in meta["source"]
 
     served = mlflow.pyfunc.load_model(version.model_uri)
-    assert isinstance(served.unwrap_python_model().segmenter, export.OnnxSegmenter)
+    assert isinstance(served.unwrap_python_model().segmenter, onnx_runtime.OnnxSegmenter)
     images = _synthetic(2)
     frame = pd.DataFrame({"image": [encode_image(im) for im in images]})
     masks = [decode_mask(m) for m in served.predict(frame)["mask"]]

@@ -26,7 +26,7 @@ def export_cmd(model_ref: str, out: Path, int8: bool, manifest: Path, calibratio
     """
     import tempfile
 
-    from kdas import export
+    from kdas import export, onnx_runtime
     from kdas.data.manifest import read_manifest
     from kdas.tracking.references import is_model_uri, resolve_model_file
 
@@ -43,6 +43,6 @@ def export_cmd(model_ref: str, out: Path, int8: bool, manifest: Path, calibratio
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export.export_onnx(model_file, Path(tmp) / "fp32.onnx", source=source)
             export.quantize_int8(fp32, out, images)
-    meta = export.read_metadata(out)
+    meta = onnx_runtime.read_metadata(out)
     click.echo(f"{model_ref} -> {out} ({meta['precision']}, {meta['arch']} on {meta['backbone']}, {meta['image_size']} px, "
                f"{out.stat().st_size / 1e6:.1f} MB); run it with `kdas predict IMAGE --model {out}`")

@@ -39,7 +39,7 @@ def predict(ctx: click.Context, images: tuple[Path, ...], model_ref: str | None,
         model_ref = f"models:/{params_of(ctx).register.student_name}@{CHAMPION}"
 
     if is_onnx_file(model_ref):  # onnxruntime: no torch on this path
-        from kdas.export import OnnxSegmenter
+        from kdas.onnx_runtime import OnnxSegmenter
 
         seg = OnnxSegmenter.load(model_ref, device)
     else:

@@ -28,7 +28,7 @@ from kdas.tracking.store import MODEL_FILE_ARTIFACT
 # visible and stays fixed for that version: the budget of one request, checked from the
 # image headers before any pixel is decoded (a 10 KB PNG can declare 4096 x 4096).
 
-ONNX_ARTIFACT = "onnx_model"  # its ONNX export (kdas.export), logged with it by register_model
+ONNX_ARTIFACT = "onnx_model"  # its ONNX export (kdas.export; run by kdas.onnx_runtime), logged with it by register_model
 
 
 def bad_input(message: str) -> MlflowException:
@@ -48,7 +48,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.config = check_serving_config(context.model_config or {})
         if self.config["runtime"] == "onnxruntime":  # no torch needed
-            from kdas.export import OnnxSegmenter
+            from kdas.onnx_runtime import OnnxSegmenter
 
             if ONNX_ARTIFACT not in context.artifacts:
                 raise MlflowException(f"runtime onnxruntime, but the model has no '{ONNX_ARTIFACT}' artifact")

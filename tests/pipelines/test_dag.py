@@ -267,7 +267,7 @@ def test_the_analysis_finds_what_it_must() -> None:
     assert {"train.nproc_per_node", "model.teacher", "model.teacher.weights", "train"} <= keys
     assert not any(k.startswith("model.student") for k in keys)
     # what the teacher's training does not run: the exporter, the registry, other commands
-    assert not files & {Path("kdas/export.py"), Path("kdas/inference.py"), Path("kdas/tracking/registry.py"),
+    assert not files & {Path("kdas/export.py"), Path("kdas/onnx_runtime.py"), Path("kdas/inference.py"), Path("kdas/tracking/registry.py"),
                         Path("kdas/tracking/served.py"), Path("kdas/data/commands.py")}
     assert not any(f.parent == Path("kdas/commands") for f in files)
     files, keys = stage_reads("kdas train student")
@@ -313,7 +313,7 @@ def test_a_command_imports_its_own_module_alone(argv: list[str], loaded: set[str
 # ------------------------------------------------------------------------- DVC itself: an edit re-runs the stages that run it alone
 
 
-MODEL_CODE = ("kdas/models/", "kdas/training/", "kdas/tracking/", "kdas/commands/", "kdas/export.py", "kdas/inference.py",
+MODEL_CODE = ("kdas/models/", "kdas/training/", "kdas/tracking/", "kdas/commands/", "kdas/export.py", "kdas/onnx_runtime.py", "kdas/inference.py",
               "kdas/checkpoint.py", "kdas/losses.py")
 
 
