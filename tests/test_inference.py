@@ -59,3 +59,32 @@ def test_the_overlay_blends_green_inside_the_mask_alone(rows):
     assert np.array_equal(blended[~mask], image[~mask])
     assert np.abs(blended[mask].astype(int) - expected[mask]).max() <= 1
     assert blended.dtype == np.uint8 and not np.shares_memory(blended, image)
+
+
+@pytest.mark.slow
+def test_predict_outside_a_project_keeps_a_9000_px_square_png_under_3_gb(tmp_path):
+    """Outside a project only PIL's pixel bound (89 Mpx) applies: an 81 Mpx PNG of 240 KB
+    (peak 5.2 GB before the maps and the overlay were kept small) must fit, measured in a
+    process of its own."""
+    import subprocess
+    import sys
+
+    from helpers import tool_environ
+    from kdas.checkpoint import save_model
+    from kdas.models import create_model
+
+    save_model(tmp_path / "m.pt", create_model("polyp_pvt_tiny"), image_size=64)
+    frame = np.zeros((9000, 9000, 3), np.uint8)
+    frame[2000:3000, 2000:3000] = 200
+    Image.fromarray(frame).save(tmp_path / "big.png")
+    del frame
+    # a parent of its own, whose one child is the predict: its children's peak is the predict's
+    measure = ("import resource, subprocess, sys; run = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(run.returncode)")
+    run = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "kdas", "predict", "big.png", "--model", "m.pt",
+                          "--out", "pred"], cwd=tmp_path, env={**tool_environ(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    peak_gb = int(run.stdout.split()[-1]) / 2**20  # KiB on Linux
+    assert peak_gb < 3, f"kdas predict peaked at {peak_gb:.1f} GB"
+    assert (tmp_path / "pred" / "big_mask.png").exists() and (tmp_path / "pred" / "big_overlay.jpg").exists()
