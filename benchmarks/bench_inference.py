@@ -163,7 +163,7 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from kdas import export
+    from kdas import export, onnx_runtime
     from kdas.checkpoint import load_model
     from kdas.inference import Segmenter
     from kdas.io import binarise, read_mask, read_rgb
@@ -194,8 +194,8 @@ def main() -> None:
                              "file_mb": paths[runtime].stat().st_size / 1e6, **m})
             if role == "student" and images:
                 dice = {"torch": dice_of(Segmenter.load(model_file, "cpu"), images, masks, names),
-                        "ort-fp32": dice_of(export.OnnxSegmenter(fp32, "cpu"), images, masks, names),
-                        "ort-int8": dice_of(export.OnnxSegmenter(int8, "cpu"), images, masks, names)}
+                        "ort-fp32": dice_of(onnx_runtime.OnnxSegmenter(fp32, "cpu"), images, masks, names),
+                        "ort-int8": dice_of(onnx_runtime.OnnxSegmenter(int8, "cpu"), images, masks, names)}
 
     print(f"CPU: {os.cpu_count()} cores, {args.threads} intra-op thread(s) for every runtime; {data}; "
           f"{args.repeats} timed runs at batch 1")
