@@ -358,8 +358,9 @@ def test_task_errors(maps):
 def test_every_distillation_term_carries_signal_on_real_images():
     """Each term's gradient on the student's logits, relative to the structure loss's, for 8
     real Kvasir images at 224 px, an untrained PVTv2-B0 student and a teacher that predicts
-    the masks. The default attention term must carry at least a tenth of the ground truth's
-    signal (the pairwise form measured ~2% when it was the default)."""
+    the masks. Every attention form must carry real signal (the official code's term carried
+    none): pairwise measures ~2%, spatial more; on real data spatial's larger share drowned the
+    ground truth, hence the pairwise default (benchmarks/results/real-cpu.md)."""
     root = DATASETS / "kvasir-seg" / "Kvasir-SEG"
     stems = sorted(p.stem for p in (root / "images").glob("*.jpg"))[:8]
     images = torch.stack([to_tensor(resize(read_rgb(root / "images" / f"{s}.jpg"), 224)) for s in stems])
@@ -376,5 +377,5 @@ def test_every_distillation_term_carries_signal_on_real_images():
     norms = {k: torch.autograd.grad(v, logits, retain_graph=True)[0].norm().item() for k, v in terms.items()}
     ratios = {k: norms[k] / norms["structure"] for k in terms if k != "structure"}
     print("gradient norm relative to the structure loss's:", {k: round(v, 3) for k, v in ratios.items()})
-    assert ratios[load_params(ROOT / "params.yaml").distill.attention] >= 0.1
+    assert all(ratios[kind] >= 0.01 for kind in ATTENTIONS), ratios
     assert ratios["sgm"] >= 0.1
