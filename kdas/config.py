@@ -160,6 +160,9 @@ class GateParams:
 class RegisterParams:
     student_name: Str  # each a MODEL_NAME (checked at load)
     teacher_name: Str
+    onnx: Bool
+    retries: Annotated[Int, Field(ge=0, le=100)]
+    retry_delay: Annotated[Float, Field(ge=0, le=3600)]
     gate: GateParams
 
 

@@ -43,7 +43,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client-side SDK telemetr
 # start on a busy 2-core machine: the main job then failed before its first stage
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from prefect import flow, get_client, get_run_logger, task  # noqa: E402
+from prefect import Task, flow, get_client, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
@@ -212,7 +212,12 @@ def run_stage(stage: str, workspace: Path) -> bool:
     return ran
 
 
-@task(name="register", task_run_name="register@{role}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def retried(registry_call: Task, params: Params) -> Task:
+    """A registry call (the tasks below), retried as params.yaml's register section says."""
+    return registry_call.with_options(retries=params.register.retries, retry_delay_seconds=params.register.retry_delay)
+
+
+@task(name="register", task_run_name="register@{role}", cache_policy=NO_CACHE)
 def register(role: str, workspace: Path) -> bool:
     return run_stage.fn(f"register@{role}", workspace)
 
@@ -222,19 +227,19 @@ def registered_version(role: str, workspace: Path) -> str:
     return str(json.loads((workspace / "reports" / "register" / f"{role}.json").read_text())["version"])
 
 
-@task(name="promote", task_run_name="promote@{role}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="promote", task_run_name="promote@{role}", cache_policy=NO_CACHE)
 def promote(role: str, version: str, workspace: Path) -> dict:
     _run([sys.executable, "-m", "kdas", "promote", "--role", role, "--version", version], workspace)
     return json.loads((workspace / "reports" / "promotion" / f"{role}.json").read_text())
 
 
-@task(name="champion", task_run_name="champion@{name}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="champion", task_run_name="champion@{name}", cache_policy=NO_CACHE)
 def champion(name: str) -> dict | None:
     """The version in production before this run, with its metrics (for the summary)."""
     return champion_metrics(name)
 
 
-@task(name="reuse teacher", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="reuse teacher", cache_policy=NO_CACHE)
 def reuse_teacher(workspace: Path, uri: str) -> None:
     """Put the registered teacher where the distill stage reads it."""
     with contextlib.chdir(workspace):
@@ -315,7 +320,7 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
             if retrain_teacher:
                 ran["train_teacher"] = run_stage("train_teacher", root)
             else:
-                reuse_teacher(root, teacher_uri or f"models:/{params.register.teacher_name}@{CHAMPION}")
+                retried(reuse_teacher, params)(root, teacher_uri or f"models:/{params.register.teacher_name}@{CHAMPION}")
             ran["distill"] = run_stage("distill", root)
             for role in roles:
                 ran[f"evaluate@{role}"] = run_stage(f"evaluate@{role}", root)
@@ -323,9 +328,9 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
             champions, decisions = {}, {}
             for role in roles:
                 with registry_lock(names[role]):
-                    ran[f"register@{role}"] = register(role, root)
-                    champions[role] = champion(names[role])
-                    decisions[role] = promote(role, registered_version(role, root), root)
+                    ran[f"register@{role}"] = retried(register, params)(role, root)
+                    champions[role] = retried(champion, params)(names[role])
+                    decisions[role] = retried(promote, params)(role, registered_version(role, root), root)
         summary = _summary(root, params, decisions, champions, [s for s, r in ran.items() if not r])
         create_markdown_artifact(key="retrain-summary", markdown=summary, description="kdas retrain: data, metrics, promotion")
         print(summary)

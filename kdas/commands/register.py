@@ -35,7 +35,7 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     tests = {d: m for d, m in evaluation["datasets"].items() if d != "mean"}
     name = registry_name(ctx, role)
     version = register_model(model_file, name, tests, evaluation_data=evaluation["data"], teacher_name=params.register.teacher_name,
-                             serving_config=serving_limits(params.serve, params.validation.max_size))
+                             serving_config=serving_limits(params.serve, params.validation.max_size), onnx=params.register.onnx)
     out = out or REPORTS / "register" / f"{role}.json"
     write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri}, indent=2))
     again = " (this model file was registered before: no new version)" if version.existed else ""

@@ -89,9 +89,11 @@ def create_run(stack: TeamStack, workspace: Path) -> str:
 
 
 def start_worker(env: dict[str, str], log: Path, limit: int, *options: str, **extra: str) -> subprocess.Popen:
+    """A process-pool worker that asks for work every second (Prefect's default: every 10 s)."""
     with log.open("w") as out:
         return subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--limit", str(limit), *options], cwd=ROOT,
-                                env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1", **extra}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_final(stack: TeamStack, run_ids: list[str], worker: subprocess.Popen, log: Path, timeout: float = 600) -> dict[str, dict]:
@@ -244,6 +246,7 @@ def test_s3_stopped_in_the_middle_of_a_flow_then_back(concurrent: dict, env: dic
     clone = concurrent["clones"][1]
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["distill"]["seed"] = 7  # a new student: distill, evaluate and register it again
+    params["register"].update(retries=1, retry_delay=1)  # one retry, not two 10 s apart: the fault outlasts both
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = {name: registry(env, name) for name in NAMES}
     log = tmp_path / "worker.log"
@@ -261,6 +264,7 @@ def test_s3_stopped_in_the_middle_of_a_flow_then_back(concurrent: dict, env: dic
         finally:
             stack.s3.start()
         assert failed["state"]["type"] in ("FAILED", "CRASHED"), log.read_text()[-4000:]
+        assert log.read_text().count("Retry 1/1 will start 1.0 second(s) from now") == 1  # params.yaml's retries, then no more
         message = failed["state"]["message"]
         assert len([line for line in message.splitlines() if line.startswith("error: ")]) == 1, message
         assert "Traceback" not in message
