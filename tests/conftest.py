@@ -15,6 +15,9 @@ import pytest
 from helpers import MLFLOW_QUIET, ROOT, tool_environ
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+# one thread a process: the models are tiny, and pytest-xdist's workers (pyproject.toml's addopts)
+# and the stages they start share the cores; two OpenMP threads each would time-slice to a crawl
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # DVC keeps site-wide state and config outside the repository: isolate the test session's
 _DVC_HOME = Path(tempfile.mkdtemp(prefix="kdas-tests-dvc-"))
 for var in ("DVC_SITE_CACHE_DIR", "DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR"):
@@ -23,6 +26,18 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 # Prefect: a private home (cached results would otherwise leak between runs), no telemetry
 os.environ["PREFECT_HOME"] = str(_DVC_HOME / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+
+# The longest modules, longest first (their module and session fixtures are shared by their
+# tests: a team stack and two flows, a flow, a training set). pyproject.toml's addopts hand each
+# module whole to one pytest-xdist worker, in collection order: these start first, on workers of
+# their own, and the short modules fill in around them.
+LONGEST_FIRST = ("pipelines/test_team.py", "pipelines/test_retrain.py", "training/test_training.py", "benchmarks/test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(ROOT / "tests").as_posix(), len(rank)))  # stable
 
 
 @pytest.fixture
