@@ -32,12 +32,13 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # tests: a team stack and two flows, a flow, a training set). pyproject.toml's addopts hand each
 # module whole to one pytest-xdist worker, in collection order: these start first, on workers of
 # their own, and the short modules fill in around them.
-LONGEST_FIRST = ("pipelines/test_team.py", "pipelines/test_retrain.py", "training/test_training.py", "benchmarks/test_benchmarks.py")
+LONGEST_FIRST = ("tests/pipelines/test_team.py", "tests/pipelines/test_retrain.py", "tests/training/test_training.py",
+                 "tests/benchmarks/test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.relative_to(ROOT / "tests").as_posix(), len(rank)))  # stable
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest as collected
 
 
 @pytest.fixture
