@@ -101,6 +101,7 @@ def test_first_run_trains_evaluates_registers_and_gates(project, first_run):
     version = client.get_model_version("kdas-student", "1")
     assert version.run_id == student.info.run_id
     assert version.tags["kdas.teacher_version"] == "kdas-teacher/1" and version.tags["kdas.train_data"].startswith("synth@")
+    assert "kdas.onnx" not in version.tags  # the tiny profile's register.onnx: false reached the register stage
 
 
 def test_second_run_with_nothing_changed_skips_the_training_stages(project, first_run):
