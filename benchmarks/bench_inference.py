@@ -9,6 +9,7 @@ test list); synthetic frames where ../shared/datasets is absent.
 
     python benchmarks/bench_inference.py                 # about 2-3 minutes on 2 cores
     python benchmarks/bench_inference.py --repeats 20 --dice-images 100
+    python benchmarks/bench_inference.py --tiny --size 64 --repeats 1    # smoke run
 
 Models: the teacher is Polyp-PVT on tf_efficientnet_lite2 (random init: speed only), the
 student Polyp-PVT on tf_efficientnet_lite0 with its ImageNet backbone from
@@ -117,13 +118,16 @@ def synthetic(n: int, seed: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- main
 
 
-def build_models(tmp: Path, size: int, student_file: Path) -> dict[str, tuple[Path, str]]:
+def build_models(tmp: Path, size: int, student_file: Path, tiny: bool) -> dict[str, tuple[Path, str]]:
     import torch
 
     from kdas.checkpoint import load_model, save_model
     from kdas.models import create_model
 
     torch.manual_seed(0)  # the random parts (teacher, student decoder) the same in every run
+    if tiny:
+        return {role: (save_model(tmp / f"{role}.pt", create_model("polyp_pvt_tiny").eval(), image_size=size), "tiny, random init")
+                for role in ("teacher", "student")}
     teacher = create_model("polyp_pvt", backbone="tf_efficientnet_lite2", pretrained="none").eval()
     files = {"teacher": (save_model(tmp / "teacher.pt", teacher, image_size=size), "lite2, random init")}
     if student_file.is_file():
@@ -157,6 +161,7 @@ def main() -> None:
                         help="intra-op threads of torch and onnxruntime alike (use 1 beside another busy job: "
                              "torch's OpenMP threads collapse when the cores are taken)")
     parser.add_argument("--student-file", type=Path, default=Path("/work/bench/models/student/best.pt"))
+    parser.add_argument("--tiny", action="store_true", help="tiny random models for teacher and student (a smoke run of this script)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -183,7 +188,7 @@ def main() -> None:
     rows, dice = [], {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        for role, (model_file, what) in build_models(tmp, args.size, args.student_file).items():
+        for role, (model_file, what) in build_models(tmp, args.size, args.student_file, args.tiny).items():
             size = load_model(model_file).image_size
             fp32 = export.export_onnx(model_file, tmp / f"{role}.onnx")
             int8 = export.quantize_int8(fp32, tmp / f"{role}-int8.onnx", calib)
