@@ -33,7 +33,7 @@ import click
 import pytest
 import yaml
 
-from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, tool_environ
+from helpers import ROOT, TINY, dvc_project, tool_environ
 from kdas.cli import COMMANDS, main
 
 # the command layer: cli.py and the modules of the commands; a command runs their top level
@@ -325,16 +325,29 @@ def test_the_synth_stage_lists_no_model_tracking_or_export_code() -> None:
 
 @pytest.fixture
 def project(tmp_path: Path, mlflow_template_db: Path) -> Path:
-    """The project's DAG and code with the tiny profile, one epoch."""
-    return dvc_project(tmp_path, mlflow_template_db, {**TINY, ("train", "epochs"): 1})
+    """The project's DAG and code with the tiny profile."""
+    return dvc_project(tmp_path, mlflow_template_db, TINY)
 
 
 def dvc(project: Path, *args: str) -> str:
-    env = {**tool_environ(), **MLFLOW_QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}",
-           "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=tool_environ(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
+
+
+def committed_without_running(project: Path, stages: tuple[str, ...]) -> None:
+    """The lock `dvc repro` would write for `stages`, without running them: their outputs made
+    (empty), then `dvc commit`. `dvc status` compares a stage's deps and params with its lock
+    entry; what its outputs hold plays no part."""
+    dag = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
+        for kind in ("outs", "metrics", "plots"):
+            for entry in dag[stage].get(kind, []):
+                path = project / (entry if isinstance(entry, str) else next(iter(entry)))
+                folder = not path.suffix  # data/raw/synth: a folder of images
+                (path if folder else path.parent).mkdir(parents=True, exist_ok=True)
+                (path / "empty" if folder else path).touch()
+    dvc(project, "commit", "--force", *stages)
 
 
 def changed(project: Path) -> set[str]:
@@ -349,9 +362,8 @@ def edit(path: Path, old: str, new: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_an_exporter_or_predict_help_edit_leaves_the_teacher_up_to_date(project: Path) -> None:
-    dvc(project, "repro", "train_teacher")  # synth, manifest, validate, train_teacher: one epoch
+    committed_without_running(project, ("synth", "manifest", "validate", "train_teacher"))
     assert changed(project) == set()
 
     (project / "kdas" / "export.py").write_text((project / "kdas" / "export.py").read_text() + "# an edit of the exporter\n")
