@@ -1,4 +1,4 @@
-"""Team mode, for real: one team stack per test session (pipelines.stack: PostgreSQL, moto's
+"""Team mode, for real: one team stack for this module's tests (pipelines.stack: PostgreSQL, moto's
 S3, the MLflow server on PostgreSQL with proxied artifacts, the Prefect server on PostgreSQL,
 all on 127.0.0.1), two clones of the project with the tiny profile, the `weekly` deployment
 of prefect.yaml run by a real process-pool worker. Clients hold no AWS variables."""
@@ -34,13 +34,13 @@ NAMES = ("kdas-teacher", "kdas-student")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack() -> Iterator[TeamStack]:
     with TeamStack() as team:
         yield team
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def env(stack: TeamStack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A client's environment: the stack's two URLs, a private Prefect home, no AWS variables."""
     base = {k: v for k, v in tool_environ().items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_"))}
@@ -119,7 +119,7 @@ def bucket_keys(stack: TeamStack, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def concurrent(stack: TeamStack, env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The `weekly` deployment from prefect.yaml, two flow runs at once in two clones, one
     process-pool worker with --limit 2 running both."""
