@@ -65,6 +65,15 @@ def test_bench_serving_budget_serves_the_budgeted_model():
         ("50 x 4096^2 (the probe)", "400"), ("8 x 4096^2", "400"), ("2 x 320x240 frames", "200")]
 
 
+def test_bench_suite_times_each_test_module():
+    out = _run("benchmarks/bench_suite.py", "tests/test_io.py", "tests/test_config.py", "-n", "0")
+    summary, *lines = out.splitlines()
+    rows = {cells[0]: cells[1:] for cells in (line.strip("| ").split(" | ") for line in lines if line.startswith("| tests/"))}
+    assert set(rows) == {"tests/test_io.py", "tests/test_config.py"}
+    assert summary.startswith(f"{sum(int(cells[0]) for cells in rows.values())} passed in ") and "cores busy" in summary
+    assert all(float(cells[2]) > 0 and cells[-1] == "main" for cells in rows.values())  # CPU seconds, in the one pytest process
+
+
 # the `evaluate` stage of the repository below: the metrics files of a real run, their figures made up
 FAKE_EVALUATE = textwrap.dedent("""\
     import json, pathlib, yaml
