@@ -57,7 +57,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) ->
         mp.delenv(PARENT_RUN_ENV, raising=False)
         mp.delenv(EXPERIMENT_ENV, raising=False)
         model_file = save_model(root / "student.pt", create_model(TINY), image_size=64, info={})
-        register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={**SERVE, "max_side": 1024})
+        register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={**SERVE, "max_side": 1024},
+                       onnx=False)  # served on torch here; tests/test_export.py serves the ONNX export
         assert promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
         yield uri
 
