@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 
-from kdas.methods import Attention, Method
 from kdas.stride import OUTPUT_STRIDE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -135,12 +134,23 @@ class TrainParams:
 
 @dataclass(frozen=True, config=SCHEMA)
 class DistillParams:
-    method: Method
-    attention: Attention
-    alpha: Fraction
-    tau: Annotated[Float, Field(ge=1e-6, le=1e3)]
-    pool_stride: Annotated[Int, Field(ge=1, le=64)]
+    """`method`: a module of kdas/training/methods (none, kd, sgm, kdas, ...); `seed`: the
+    student's. Every other key of params.yaml's `distill` is one method's own section
+    (`distill.kd.temperature`), held in `settings` and typed by that method's `Params` when
+    its task is built (kdas.training.methods.method_params): each method owns its settings,
+    and `dvc exp run -S distill.method=...` switches between them without removing keys."""
+
+    method: Str
     seed: Seed
+    settings: dict[Str, dict[Str, Any]] = field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "settings" not in data:
+            data = {**{k: data[k] for k in ("method", "seed") if k in data},
+                    "settings": {k: v for k, v in data.items() if k not in ("method", "seed")}}
+        return data
 
 
 @dataclass(frozen=True, config=SCHEMA)
@@ -232,19 +242,20 @@ _TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "
                "dict_type": "a mapping", "dataclass_type": "a mapping", "dataclass_args_type": "a mapping"}
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
-    """An error's location as the key in params.yaml: train.lr, train.multiscale[0]."""
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p != "[key]").lstrip(".")
+def _dotted(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """An error's location as the key in params.yaml: train.lr, train.multiscale[0] (under
+    `prefix`, the dotted key of the mapping validated)."""
+    return (prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p not in ("[key]", "settings"))).lstrip(".")
 
 
-def _one_line(exc: ValidationError, where: str, root: type = Params) -> str:
+def _one_line(exc: ValidationError, where: str, root: type = Params, prefix: str = "") -> str:
     """The first of pydantic's errors as one line naming the file and the dotted key; unknown
     keys first, all those of one mapping together (pydantic lists them last, one by one)."""
     errors = exc.errors(include_url=False)
     unknown = [e for e in errors if e["type"] in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")]
     err = (unknown or errors)[0]
     loc, value, kind = err["loc"], err["input"], err["type"]
-    key, section = _dotted(loc), f"{where}: {_dotted(loc[:-1])}: " if loc[:-1] else f"{where}: "
+    key, section = _dotted(loc, prefix), f"{where}: {_dotted(loc[:-1], prefix)}: " if loc[:-1] or prefix else f"{where}: "
     if unknown:
         names = sorted((e["loc"][-1] for e in unknown if e["loc"][:-1] == loc[:-1]), key=str)
         mapping = _field(loc[:-1], root)
@@ -356,6 +367,17 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise ParamsError(_one_line(exc, str(path))) from None
     _check_values(params, str(path))
     return params
+
+
+def parse_section(cls: type, raw: Any, key: str, where: str = str(DEFAULT_PARAMS)) -> Any:
+    """`raw`, the mapping at dotted `key` of params.yaml, as the typed `cls` (a section that
+    its own module declares, such as a method's); a ParamsError of one line otherwise."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{where}: {key}: expected a mapping, got {raw!r}")
+    try:
+        return TypeAdapter(cls).validate_python(dict(raw))
+    except ValidationError as exc:
+        raise ParamsError(_one_line(exc, where, cls, key)) from None
 
 
 def serving_limits(serve: ServeParams, max_side: int) -> dict[str, Any]:

@@ -216,3 +216,40 @@ def kdas_cli(*args: str) -> tuple[int, str]:
 def left_in(folder: Path) -> list[str]:
     """The names in `folder`, sorted; none where it does not exist."""
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --------------------------------------------------------------------------- prediction maps (losses)
+
+MAP_SIZE = 64
+
+
+def disc_mask(batch: int = 2, size: int = MAP_SIZE):
+    """B x 1 x size x size: one off-centre disc, a polyp's shape."""
+    import torch
+
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size * 0.45) ** 2 + (xx - size * 0.55) ** 2 < (size * 0.25) ** 2).float()
+    return disc.expand(batch, 1, size, size).clone()
+
+
+def extreme_masks() -> dict:
+    import torch
+
+    return {"disc": disc_mask(), "zeros": torch.zeros(2, 1, MAP_SIZE, MAP_SIZE), "ones": torch.ones(2, 1, MAP_SIZE, MAP_SIZE)}
+
+
+def extreme_logits() -> dict:
+    import torch
+
+    torch.manual_seed(1)
+    shape = (2, 1, MAP_SIZE, MAP_SIZE)
+    return {"random": torch.randn(shape) * 3, "+50": torch.full(shape, 50.0), "-50": torch.full(shape, -50.0),
+            "+-50": torch.randn(shape).sign() * 50}
+
+
+def distill_params(method: str, **settings):
+    """params.yaml's distill section with `method`, and that method's settings updated by `settings`."""
+    import dataclasses
+
+    sections = {**PARAMS.distill.settings, method: {**PARAMS.distill.settings.get(method, {}), **settings}}
+    return dataclasses.replace(PARAMS.distill, method=method, settings=sections)

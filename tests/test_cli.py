@@ -49,7 +49,7 @@ def test_data_train_each_method_evaluate_predict_and_score(project):
     assert "data contract passed" in kdas("validate")
     out = kdas("train", "teacher")
     assert "model:   models/teacher/best.pt" in out and "metrics: models/teacher/metrics.json" in out and "MLflow:  run" in out
-    for method in ("none", "sgm", "kdas"):
+    for method in ("none", "kd", "sgm", "kdas"):
         out = kdas("train", "student", "--method", method, "--out", f"models/{method}")
         assert f"method {method}" in out and f"models/{method}/best.pt" in out
     out = kdas("evaluate", "--model", "models/kdas/best.pt")

@@ -50,10 +50,9 @@ def test_a_number_written_as_text_is_refused_with_the_fix(params_file):
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("distill.alpha", 1.5, r"distill\.alpha = 1\.5 is out of range \[0, 1\]"),
+    ("evaluate.grid_size", 0, r"evaluate\.grid_size = 0 is out of range \[1, 100\]"),
     ("train.batch_size", 0, r"train\.batch_size = 0 is out of range"),
     ("train.image_size", 100, r"train\.image_size = 100 must be a multiple of 32 \(nearest: 96 or 128\)"),
-    ("distill.method", "kd", r"distill\.method must be one of none, sgm, kdas"),
     ("train.multiscale", [], r"train\.multiscale must be a non-empty list"),
     ("train.teacher.image_size", 300, r"train\.teacher\.image_size = 300 must be a multiple of 32 \(nearest: 288 or 320\)"),
     ("train.teacher.epochs", 0, r"train\.teacher\.epochs = 0 must be null \(as train\.epochs\) or at least 1"),
@@ -72,7 +71,8 @@ def test_out_of_range_values_are_refused_at_load(params_file, key, value, messag
     ("data.datasets", [1], r"data\.datasets\[0\]: expected str, got 1 \(int\)$"),
     ("train.teacher", 5, r"params\.yaml: train\.teacher: expected a mapping, got 5 \(int\)$"),
     ("train.teacher.epochs", 10**6, r"train\.teacher\.epochs = 1000000 must be null \(as train\.epochs\) or at most 100000$"),
-    ("distill.attention", "both", r"distill\.attention must be one of spatial, pairwise, not 'both'$"),
+    ("distill.method", 5, r"distill\.method: expected str, got 5 \(int\)$"),
+    ("distill.kd", 5, r"params\.yaml: distill\.kd: expected a mapping, got 5 \(int\)$"),  # a method's section (typed by its module)
     ("distill.seed", -1, r"distill\.seed = -1 is out of range \[0, 4294967295\]$"),
 ])
 def test_wrong_types_and_values_are_one_line_naming_the_key(params_file, key, value, message):
@@ -99,11 +99,12 @@ def test_an_int_is_a_float_and_a_missing_key_is_named(params_file):
 
 def test_params_built_in_code_are_checked_the_same_way(params_file):
     p = load_params(params_file)
-    assert DistillParams("none", "spatial", 0.3, 2, 8, 0).tau == 2.0
+    assert DistillParams(method="none", seed=0).settings == {}
+    assert p.distill.settings["kd"] == {"weight": p.distill.settings["kd"]["weight"], "temperature": p.distill.settings["kd"]["temperature"]}
     assert TrainParams(**dataclasses.asdict(p.train)) == p.train  # nested sections from their dicts
     assert dataclasses.replace(p.train, epochs=3).teacher == TeacherTraining(None, None)
-    for bad in (lambda: DistillParams("kd", "spatial", 0.3, 2.0, 8, 0), lambda: dataclasses.replace(p.train, epochs=0),
-                lambda: dataclasses.replace(p.train, amp="yes"), lambda: dataclasses.replace(p.distill, alpha="0.5")):
+    for bad in (lambda: DistillParams(method=5, seed=0), lambda: dataclasses.replace(p.train, epochs=0),
+                lambda: dataclasses.replace(p.train, amp="yes"), lambda: dataclasses.replace(p.distill, seed="0")):
         with pytest.raises(ValidationError):
             bad()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -122,11 +123,11 @@ def test_the_teachers_own_epochs_and_size_apply_to_the_teacher_alone(params_file
 
 
 def test_set_params_writes_keys_in_place_keeping_comments(params_file):
-    assert set_params({"train.epochs": 3, "distill.alpha": 0.5}, params_file) is True
+    assert set_params({"train.epochs": 3, "distill.kd.weight": 0.5}, params_file) is True
     text = params_file.read_text()
     assert "# Every parameter of the pipeline." in text  # comments survive
     p = load_params(params_file)
-    assert (p.train.epochs, p.distill.alpha) == (3, 0.5)
+    assert (p.train.epochs, p.distill.settings["kd"]["weight"]) == (3, 0.5)
     assert set_params({"train.epochs": 3}, params_file) is False  # nothing to change
     with pytest.raises(ParamsError, match="unknown key 'train.epoch'"):
         set_params({"train.epoch": 3}, params_file)
@@ -138,7 +139,7 @@ def test_a_profile_overlays_its_keys_and_nothing_else(params_file):
     assert use_profile("paper", params_file) == profile
     after = load_params(params_file)
     assert (after.train.image_size, after.train.multiscale, after.model.teacher.weights) == (352, [0.75, 1.0, 1.25], "hub")
-    untouched = {"train.seed", "train.grad_clip", "distill.alpha", "evaluate.batch_size", "data.datasets"} - set(profile)
+    untouched = {"train.seed", "train.grad_clip", "distill.seed", "evaluate.batch_size", "data.datasets"} - set(profile)
     for key in untouched:
         a, b = before, after
         for part in key.split("."):

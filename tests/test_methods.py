@@ -3,21 +3,18 @@ files, the published teacher, both map preparations, the paper profile's weights
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import kdas
-from helpers import SHARED, tool_environ
+from helpers import SHARED, distill_params, tool_environ
 from kdas.checkpoint import load_model, save_model
-from kdas.config import DistillParams, RoleModel, SplitParams, SynthParams, TrainParams, load_params, use_profile
+from kdas.config import RoleModel, SplitParams, SynthParams, TrainParams, load_params, use_profile
 from kdas.data.manifest import build_manifest
 from kdas.data.synth import write_synth
 from kdas.evaluation import evaluate_model
@@ -30,7 +27,7 @@ WEIGHTS = SHARED / "weights"
 LITE = WEIGHTS.exists()
 TRAIN = TrainParams(image_size=64, batch_size=4, epochs=1, lr=1e-3, weight_decay=1e-4, grad_clip=0.5, multiscale=[1.0], lr_decay=0.1,
                     decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True, compile=False, augment=True, weighted_bce=True)
-KDAS = DistillParams(method="kdas", attention="spatial", alpha=0.3, tau=2.0, pool_stride=8, seed=0)
+KDAS = distill_params("kdas", attention="spatial")
 
 
 def _role(backbone: str) -> RoleModel:
@@ -51,7 +48,7 @@ def manifest(tmp_path_factory):
 @pytest.mark.slow
 def test_teacher_and_student_train_distil_evaluate_and_reload_from_their_files(manifest, tmp_path):
     teacher = train(TrainJob(role="teacher", model=_role("tf_efficientnet_lite2"), manifest=manifest, out_dir=tmp_path / "t",
-                             train=TRAIN, distill=dataclasses.replace(KDAS, method="none"), max_steps=2))
+                             train=TRAIN, distill=None, max_steps=2))
     student = train(TrainJob(role="student", model=_role("tf_efficientnet_lite0"), manifest=manifest, out_dir=tmp_path / "s",
                              train=TRAIN, distill=KDAS, teacher=teacher.best_path, max_steps=2))
     for path, backbone in ((teacher.best_path, "tf_efficientnet_lite2"), (student.best_path, "tf_efficientnet_lite0")):
@@ -90,19 +87,6 @@ def test_the_paper_profile_without_weights_stops_in_seconds(workdir, manifest):
     assert time.perf_counter() - started < 30
     assert re.search(r"error: .*pvt_v2_b2.*model hub.*local file.*model.<role>.weights", out.stderr)
     assert "Traceback" not in out.stderr and not (workdir / "models" / "teacher" / "best.pt").exists()
-
-
-def test_the_methods_are_named_once():
-    """kdas.methods spells the methods and attention forms; every other module reads them
-    there (the schema, the CLI, the tasks), so none can fall out of step."""
-    from kdas.methods import ATTENTIONS, METHODS
-    from kdas.training.task import TASKS
-
-    assert tuple(TASKS) == METHODS
-    spelt = [re.compile(r"[\"']\s*,\s*[\"']".join(re.escape(n) for n in names)) for names in (METHODS, ATTENTIONS)]
-    package = Path(kdas.__file__).parent
-    again = [str(f.relative_to(package)) for f in package.rglob("*.py") if f.name != "methods.py" and any(r.search(f.read_text()) for r in spelt)]
-    assert again == []
 
 
 # ---- the published teacher --------------------------------------------------------------------

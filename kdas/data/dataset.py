@@ -15,10 +15,13 @@ from kdas.io import binarise, read_mask, read_rgb
 from kdas.progress import Progress
 
 
-def _load(image_path: str, mask_path: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    image = resize(read_rgb(image_path), size)
+def _load(image_path: str, mask_path: str, size: int, teacher_size: int | None) -> tuple[np.ndarray, ...]:
+    """The frame and its mask at `size`, and the frame at `teacher_size` if given, each resized
+    from the original as evaluation resizes the test frames (kdas.maps.resize): bilinear
+    frames, nearest-neighbour masks, so a model trains on what it is tested on."""
+    original = read_rgb(image_path)
     mask = resize(binarise(read_mask(mask_path)).astype(np.uint8), size, mask=True)
-    return image, mask
+    return (resize(original, size), mask) + (() if teacher_size is None else (resize(original, teacher_size),))
 
 
 class PolypDataset(Dataset):
@@ -29,15 +32,19 @@ class PolypDataset(Dataset):
     share the cache through fork.
 
     Index with ``i``, or with ``(i, seed)`` (what :class:`SeededSampler` yields) to draw the
-    sample's augmentation from a stream of its own."""
+    sample's augmentation from a stream of its own.
 
-    def __init__(self, rows: pd.DataFrame, size: int, augment: bool, workers: int = 4):
+    With a `teacher_size`, each item also holds the teacher's view: the same frame decoded at
+    the teacher's size and augmented with the same draws (the same flips, rotation, shift,
+    scale and colour), so the student's tensors are those it gets without a teacher."""
+
+    def __init__(self, rows: pd.DataFrame, size: int, augment: bool, workers: int = 4, teacher_size: int | None = None):
         self.size = size
         self.augment = train_augment() if augment else None
         paths = list(zip(rows["image_path"], rows["mask_path"]))
         self.ids = list(rows["dataset"].astype(str) + "/" + rows["id"].astype(str))
         with ThreadPoolExecutor(workers) as pool:
-            progress = Progress(pool.map(lambda p: _load(*p, size), paths), f"decode {len(paths)} images", total=len(paths), step_name="image")
+            progress = Progress(pool.map(lambda p: _load(*p, size, teacher_size), paths), f"decode {len(paths)} images", total=len(paths), step_name="image")
             self.cache = []
             for pair in progress:
                 self.cache.append(pair)
@@ -47,15 +54,25 @@ class PolypDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """(image, mask), and the teacher's view of the image where there is one."""
         i, seed = key if isinstance(key, tuple) else (key, None)
-        image, mask = self.cache[i]
+        image, mask, *view = self.cache[i]
         if self.augment is not None:
+            if seed is None and view:  # both views need the same draws
+                seed = int(np.random.randint(2**32, dtype=np.uint64))
             if seed is not None:
                 seed_augment(self.augment, seed)
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(np.ascontiguousarray(mask))[None]
+            if view:
+                seed_augment(self.augment, seed)
+                view = [self.augment(image=view[0], mask=np.zeros(view[0].shape[:2], np.uint8))["image"]]
+        return (_chw(image), torch.from_numpy(np.ascontiguousarray(mask))[None], *map(_chw, view))
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 class SeededSampler(DistributedSampler):

@@ -135,7 +135,7 @@ def model_run(run_id: str | None, stage: str, params: Mapping[str, Any] | None =
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    """Flat, one param per key (`train.lr`, `distill.alpha`): runs filter and sort by them.
+    """Flat, one param per key (`train.lr`, `distill.kd.weight`): runs filter and sort by them.
     Dataclasses (kdas.config's typed params) are flattened like dicts."""
     _require_run()
     plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in params.items()}

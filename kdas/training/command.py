@@ -17,7 +17,7 @@ import click
 
 from kdas.cli import MANIFEST, params_of
 from kdas.config import DistillParams
-from kdas.methods import METHODS
+from kdas.training import methods
 
 
 @click.group()
@@ -102,7 +102,9 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks, reports and writes
         run_train(job)
         return
-    logged = {"role": role, "teacher": str(teacher or ""), "train": train_params, "model": spec, **({"distill": distill} if distill else {})}
+    # the student's method and its own settings (distill.kd.temperature ...), not every method's
+    settings = {"method": distill.method, "seed": distill.seed, distill.method: dataclasses.asdict(methods.method_params(distill))} if distill else None
+    logged = {"role": role, "teacher": str(teacher or ""), "train": train_params, "model": spec, **({"distill": settings} if distill else {})}
     bound_http_waits()  # a tracking server that dies mid-training costs seconds per epoch, not the training
     with folder_lock(out, f"kdas train {role}"), \
             stage_run(f"train_{role}", logged, dvc_stage="train_teacher" if role == "teacher" else "distill") as run:
@@ -113,7 +115,7 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
         job.on_epoch = epochs = TrainingLog()
         result = run_train(job)
         epochs({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
-        for name in ("history.csv", "history.png", "metrics.json"):  # the weights go to the registry (kdas register)
+        for name in ("history.csv", "history.png", "losses.csv", "metrics.json"):  # the weights go to the registry (kdas register)
             if (out / name).exists():
                 epochs.artifact(out / name, artifact_path=role)
     click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {job.method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
@@ -135,14 +137,15 @@ def train_teacher(ctx: click.Context, out: Path | None, **kw) -> None:
 @train.command("student")
 @click.option("--teacher", "teacher_ref", default="models/teacher/best.pt", show_default=True,
               help="The teacher: a model file or an MLflow model URI (models:/kdas-teacher@champion).")
-@click.option("--method", type=click.Choice(METHODS), help="Override distill.method.")
+@click.option("--method", type=click.Choice(methods.names()), help="Override distill.method.")
 @_train_options
 @click.pass_context
 def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out: Path | None, **kw) -> None:
     """Distil the teacher into the student (model.student) with distill.method.
 
-    none: the student alone on the ground truth; sgm: + symmetrical guiding;
-    kdas: + attention supervision + symmetrical guiding.
+    The loss is the structure loss against the ground truth plus distill.<method>.weight
+    times the method's teacher terms. none: the student alone; kd: + pixel distillation;
+    sgm: + symmetrical guiding; kdas: + attention supervision + symmetrical guiding.
     """
     from kdas.tracking.references import resolve_model_file
 

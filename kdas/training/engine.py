@@ -4,6 +4,9 @@ What makes it trustworthy:
 - the model is selected on the held-out `val` split (meanDic of the standard protocol),
   never on a test set; early stopping watches the same number;
 - the teacher is frozen: eval mode, no gradients, its forward under `inference_mode`;
+- the student sees the same tensors whatever the method: the teacher gets its own view of
+  the same augmented frame at its own size, and loading it draws nothing from the student's
+  random streams, so a method at teacher weight 0 trains bit for bit as method none;
 - every epoch ends with an atomic checkpoint of everything that moves (weights,
   optimiser, scheduler, scaler, RNG states, history), so a run killed at any moment
   resumes to the same result as an uninterrupted one (on CPU, same seed);
@@ -21,6 +24,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +48,7 @@ from kdas.models import OUTPUT_STRIDE, create_model
 from kdas.training.curves import plot_history
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
 from kdas.progress import Progress, clock
-from kdas.training.task import create_task
+from kdas.training.methods import create_task
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +124,23 @@ def _rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows
 
 
+def _code_digest() -> str:
+    """The source of every kdas module this process has loaded."""
+    digest = hashlib.sha256()
+    for name, module in sorted(sys.modules.items()):
+        if (name == "kdas" or name.startswith("kdas.")) and getattr(module, "__file__", None):
+            digest.update(name.encode() + Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
-    """What a resumed run must share with the checkpoint: model, params, data and teacher
-    (`--resume` of a checkpoint written with other settings starts afresh instead)."""
+    """What a resumed run must share with the checkpoint: model, params, data, teacher and
+    code (`--resume` of a checkpoint written otherwise starts afresh instead: a benchmark
+    resumed after a pull must not finish under other code what it began under one)."""
     teacher = file_sha256(job.teacher) if job.teacher and job.method != "none" else ""
     train = {k: v for k, v in dataclasses.asdict(job.train).items() if k not in ("workers", "nproc_per_node")}
-    blob = json.dumps([model_config, dataclasses.asdict(job.model), train, job.distill and dataclasses.asdict(job.distill), teacher, ids], sort_keys=True)
+    blob = json.dumps([model_config, dataclasses.asdict(job.model), train, job.distill and dataclasses.asdict(job.distill), teacher, ids,
+                       _code_digest()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -194,21 +209,20 @@ class Trainer:
         spec = job.model
         self.model = create_model(spec.arch, backbone=spec.backbone, pretrained=spec.weights, drop_path_rate=spec.drop_path_rate)
         self.model.to(self.device, memory_format=torch.channels_last)
-        loaded: list[ModelFile] = []
 
-        def load_teacher() -> torch.nn.Module:
-            loaded.append(load_model(job.teacher, self.device))
-            return loaded[0].model.to(memory_format=torch.channels_last)
+        def load_teacher() -> ModelFile:
+            # building a model draws its initial weights: off the global stream, so that the
+            # student's drop path and dropout draw the same with a teacher as without one
+            with torch.random.fork_rng(devices=[]):
+                teacher = load_model(job.teacher, self.device)
+            teacher.model.to(memory_format=torch.channels_last)
+            return teacher
 
         # the method's task, decided once; only a method that distils loads the teacher
         self.task = create_task(job.distill, load_teacher if job.teacher is not None else None, weighted_bce=p.weighted_bce,
                                 precision=lambda: autocast(self.device, p.amp), compile=p.compile)
-        # a teacher trained at a larger size sees the frames at its size: batches load at the
-        # larger of the two sizes, and each model gets them resized to its own
-        self.teacher_size = loaded[0].image_size if loaded else p.image_size
-        load_size = max(p.image_size, self.teacher_size)
-
-        self.train_data = PolypDataset(_rows(job.manifest, "train"), load_size, augment=p.augment, workers=max(1, p.workers))
+        self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=p.augment, workers=max(1, p.workers),
+                                       teacher_size=self.task.teacher_size)
         self.val_data = PolypDataset(_rows(job.manifest, "val"), p.image_size, augment=False, workers=max(1, p.workers))
         self.sampler = SeededSampler(self.train_data, p.seed, num_replicas=self.world.size, rank=self.world.rank)
         # persistent workers: forked once, not every epoch (each fork costs seconds with the cache).
@@ -288,13 +302,17 @@ class Trainer:
         for _ in range(total):
             tick = time.perf_counter()
             with record_function("data"):
-                images, masks = next(batches)
+                images, masks, *view = next(batches)
             data_time += time.perf_counter() - tick
             with record_function("copy"):
                 images, masks = to_device(images, masks, self.device)
+                view = [to_device(v, masks, self.device)[0] for v in view]
             for scale in p.multiscale:
+                # at scale 1 the student trains on the loader's tensors as they are (resized from
+                # the original frame as evaluation resizes the test frames); other scales resize
+                # frames and masks bilinearly, as the official multi-scale training does
                 x, y = resized(images, scaled_size(p.image_size, scale)), resized(masks, scaled_size(p.image_size, scale))
-                teacher_x = resized(images, scaled_size(self.teacher_size, scale)) if self.teacher_size != p.image_size else None
+                teacher_x = resized(view[0], scaled_size(self.task.teacher_size, scale)) if view else None
                 losses = self.task(self.net, x, y, teacher_x)
                 with record_function("backward"):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -361,9 +379,16 @@ class Trainer:
         return TrainResult(self.out_dir / BEST, self.best_epoch + 1, self.best, len(self.history), self.history)
 
     def _write_reports(self) -> None:
-        """history.csv (DVC plots), history.png (its picture) and metrics.json (DVC metrics) beside the model."""
+        """history.csv (DVC plots), history.png (its picture), losses.csv and metrics.json (DVC
+        metrics) beside the model. losses.csv holds the method's loss components per epoch in
+        long form (epoch, component, value): dvc.yaml's plot of them colours by component
+        (kdas/training/loss_components.json), so it shows whatever terms the method has."""
         with atomic_path(self.out_dir / "history.csv") as tmp:
             pd.DataFrame(self.history).to_csv(tmp, index=False)
+        components = ["loss", *self.task.components]
+        with atomic_path(self.out_dir / "losses.csv") as tmp:
+            pd.DataFrame([{"epoch": h["epoch"], "component": c, "value": h[f"train_{c}"]} for h in self.history for c in components],
+                         columns=["epoch", "component", "value"]).to_csv(tmp, index=False)
         if self.history:
             plot_history(self.history, self.out_dir / "history.png")
         summary = {"best_epoch": self.best_epoch + 1, "best_val_meanDic": self.best, "epochs_run": len(self.history),

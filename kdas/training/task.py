@@ -1,27 +1,16 @@
-"""What a training step optimises, as `timm.task` frames distillation: the method is a type.
+"""What a training step optimises, as `timm.task` frames distillation: a method is a type.
 
-`create_task` reads `distill.method` once and returns its task: `GroundTruthTask` (none:
-the structure loss alone, no teacher), `SGMTask` or `KDASTask` (each with its frozen
-teacher). A task runs the forward passes and returns the loss components; the engine calls
-every task the same way and never asks which method it runs.
+Each method is one module of kdas/training/methods/ (its params, its task, its teacher
+terms); `kdas.training.methods.create_task` builds the task that `distill.method` names. A
+task runs the forward passes and returns its loss components; the engine calls every task
+the same way and never asks which method it runs.
 
-With ``S`` the structure term, ``G`` the symmetric guiding term and ``A`` the attention
-term (kdas.losses, each summed over P1 and P2, the same teacher map supervising the same
-student map):
-
-- none (teacher training, or a student without a teacher): ``loss = S``;
-- sgm: ``loss = (1 - alpha) * S + alpha * G`` (what the official KDAS code effectively
-  trains, its attention term giving no gradient);
-- kdas: ``loss = (1 - alpha) * S + alpha * (A + G)``.
-
-This mirrors the official ``train_kd_paper.py``: ``loss = (1 - alpha) * (S1 + S2) + alpha *
-((kd1 + kd2) * tau**2 + sgm)``, i.e. alpha trades ground truth against the teacher as a
-convex combination and tau enters only the attention term (temperature and its tau**2
-scaling). The official SGM covers P1 only; here it covers P1 and P2, like the attention term.
-
-Every task returns the same components, ``{"loss", "structure", "attention", "sgm"}``: the
-total (for backward) and the unweighted sums S, A, G, zero where its method has no such term
-(history.csv has the same columns whatever the method).
+Every method that distils trains ``loss = S + weight * (its teacher terms)``: the ground
+truth at full weight (S, :func:`kdas.training.losses.structure_term`), as the
+segmentation-distillation methods that report gains do (SKD, CWD, DIST), so that at weight
+0 the loss is exactly S. The official KDAS code's convex form ``(1 - alpha) S + alpha K``
+trains as ``S + alpha / (1 - alpha) K`` (AdamW is invariant to the scale of the whole loss):
+its alpha 0.3 is weight 0.43 here (the `paper` profile).
 """
 
 from __future__ import annotations
@@ -29,27 +18,19 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from kdas.config import DistillParams
-from kdas.losses import attention_term, sgm_term, structure_term
-from kdas.methods import ATTENTIONS, METHODS, Attention, Method
+from kdas.checkpoint import ModelFile
+from kdas.training.losses import boundary_weight, structure_term
 
 Precision = Callable[[], contextlib.AbstractContextManager]
 Maps = tuple[Tensor, Tensor]
-
-
-def _components(structure: Tensor, loss: Tensor | None = None, attention: Tensor | None = None,
-                sgm: Tensor | None = None) -> dict[str, Tensor]:
-    """The components every task reports, in history.csv's order; a missing term is zero."""
-    zero = structure.new_zeros(())
-    return {"loss": structure if loss is None else loss, "structure": structure,
-            "attention": zero if attention is None else attention, "sgm": zero if sgm is None else sgm}
+TeacherLoader = Callable[[], ModelFile]
 
 
 class SegmentationTask(ABC):
@@ -59,7 +40,10 @@ class SegmentationTask(ABC):
     it, in fp32: its boundary weights, sums over 100k pixels and the teacher's P P^T matmuls
     lose too much in bf16. `compile` hands the loss to torch.compile."""
 
-    method: ClassVar[Method]
+    # the loss components a step reports besides "loss" (history.csv's train_* columns, MLflow, plots)
+    components: ClassVar[tuple[str, ...]]
+    # the input size of the teacher's view of each frame; None: no teacher
+    teacher_size: int | None = None
 
     def __init__(self, *, weighted_bce: bool, precision: Precision = contextlib.nullcontext, compile: bool = False):
         self.weighted_bce = weighted_bce
@@ -68,13 +52,14 @@ class SegmentationTask(ABC):
 
     @classmethod
     @abstractmethod
-    def from_params(cls, distill: DistillParams | None, teacher: Callable[[], nn.Module] | None, **options) -> SegmentationTask:
-        """The task of `distill` (its method's fields only); `options` go to __init__."""
+    def from_params(cls, params: Any, teacher: TeacherLoader | None, **options) -> SegmentationTask:
+        """The task of the method's typed `params`; `options` go to __init__. `teacher` loads
+        the teacher (None: there is none); only a method that distils calls it."""
 
     @abstractmethod
     def __call__(self, net: nn.Module, images: Tensor, masks: Tensor, teacher_images: Tensor | None = None) -> dict[str, Tensor]:
-        """The loss components of `net` on a batch. `teacher_images`: the same frames at the
-        teacher's size, where it differs from the student's (a task without a teacher ignores them)."""
+        """The loss components of `net` on a batch. `teacher_images`: the teacher's view of the
+        same augmented frames, at `teacher_size` (a task without a teacher ignores them)."""
 
     def _student(self, net: nn.Module, images: Tensor) -> Maps:
         with record_function("forward"):
@@ -82,16 +67,17 @@ class SegmentationTask(ABC):
 
 
 class GroundTruthTask(SegmentationTask):
-    """Method none: the structure loss against the ground truth, no teacher."""
+    """The structure loss against the ground truth, no teacher."""
 
-    method = "none"
+    components = ("structure",)
 
     @classmethod
-    def from_params(cls, distill: DistillParams | None, teacher: Callable[[], nn.Module] | None, **options) -> GroundTruthTask:
+    def from_params(cls, params: Any, teacher: TeacherLoader | None, **options) -> GroundTruthTask:
         return cls(**options)  # a teacher, if any, is never loaded
 
     def loss(self, student: Maps, masks: Tensor) -> dict[str, Tensor]:
-        return _components(structure_term(student, masks, weighted_bce=self.weighted_bce))
+        structure = structure_term(student, masks, boundary_weight(masks), weighted_bce=self.weighted_bce)
+        return {"loss": structure, "structure": structure}
 
     def __call__(self, net: nn.Module, images: Tensor, masks: Tensor, teacher_images: Tensor | None = None) -> dict[str, Tensor]:
         with self.precision():
@@ -101,25 +87,27 @@ class GroundTruthTask(SegmentationTask):
 
 
 class DistillationTask(SegmentationTask):
-    """Training against the ground truth and a frozen teacher: eval mode (BN statistics, no
-    dropout), no gradients, its forward under inference_mode. `alpha` in [0, 1] weighs the
-    teacher's terms against the ground truth's."""
+    """The ground truth and a frozen teacher: eval mode (BN statistics, no dropout), no
+    gradients, its forward under inference_mode, on its own view of each frame. A method
+    names its terms in `components` (after "structure") and computes them in `teacher_terms`;
+    `weight` (>= 0) weighs their sum against the ground truth's term."""
 
-    def __init__(self, teacher: nn.Module, *, alpha: float, **options):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.teacher = teacher.requires_grad_(False).eval()
-        self.alpha = alpha
+    def __init__(self, teacher: ModelFile, *, weight: float, **options):
+        if weight < 0:
+            raise ValueError(f"the teacher terms' weight must be >= 0, got {weight}")
+        self.teacher = teacher.model.requires_grad_(False).eval()
+        self.teacher_size = teacher.image_size
+        self.weight = weight
         super().__init__(**options)
 
     @classmethod
-    def _load(cls, teacher: Callable[[], nn.Module] | None) -> nn.Module:
+    def _load(cls, teacher: TeacherLoader | None) -> ModelFile:
         if teacher is None:
-            raise ValueError(f"distill.method '{cls.method}' needs a teacher: pass --teacher MODEL_FILE_OR_URI")
+            raise ValueError(f"distill.method '{cls.__module__.rpartition('.')[2]}' needs a teacher: pass --teacher MODEL_FILE_OR_URI")
         return teacher()
 
     def _teacher_maps(self, images: Tensor, size: torch.Size) -> Maps:
-        """The teacher's maps of `images`, at the student's map `size` (a teacher may see the frames larger)."""
+        """The teacher's maps of `images`, at the student's map `size` (the teacher may see the frames larger)."""
         with record_function("teacher"), torch.inference_mode():
             maps = self.teacher(images)
             if maps[0].shape[-2:] != size:
@@ -127,7 +115,15 @@ class DistillationTask(SegmentationTask):
         return tuple(m.clone() for m in maps)  # inference tensors cannot be saved for backward
 
     @abstractmethod
-    def loss(self, student: Maps, teacher: Maps, masks: Tensor) -> dict[str, Tensor]: ...
+    def teacher_terms(self, student: Maps, teacher: Maps, weight: Tensor) -> dict[str, Tensor]:
+        """Each teacher term by name (`components[1:]`), unweighted; `weight` is the batch's
+        boundary weight (:func:`boundary_weight`), for terms weighted like the structure loss."""
+
+    def loss(self, student: Maps, teacher: Maps, masks: Tensor) -> dict[str, Tensor]:
+        weight = boundary_weight(masks)
+        structure = structure_term(student, masks, weight, weighted_bce=self.weighted_bce)
+        terms = self.teacher_terms(student, tuple(t.detach() for t in teacher), weight)
+        return {"loss": structure + self.weight * sum(terms.values()), "structure": structure, **terms}
 
     def __call__(self, net: nn.Module, images: Tensor, masks: Tensor, teacher_images: Tensor | None = None) -> dict[str, Tensor]:
         with self.precision():
@@ -135,64 +131,3 @@ class DistillationTask(SegmentationTask):
             teacher = self._teacher_maps(images if teacher_images is None else teacher_images, student[0].shape[-2:])
         with record_function("loss"):
             return self._loss(student, teacher, masks)
-
-
-class SGMTask(DistillationTask):
-    """Method sgm: the ground truth and the Symmetrical Guiding Module, ``(1 - alpha) * S + alpha * G``."""
-
-    method = "sgm"
-
-    def __init__(self, teacher: nn.Module, *, alpha: float, pool_stride: int, **options):
-        super().__init__(teacher, alpha=alpha, **options)
-        self.pool_stride = pool_stride
-
-    @classmethod
-    def from_params(cls, distill: DistillParams, teacher: Callable[[], nn.Module] | None, **options) -> SGMTask:
-        return cls(cls._load(teacher), alpha=distill.alpha, pool_stride=distill.pool_stride, **options)
-
-    def loss(self, student: Maps, teacher: Maps, masks: Tensor) -> dict[str, Tensor]:
-        structure = structure_term(student, masks, weighted_bce=self.weighted_bce)
-        sgm = sgm_term(student, teacher, pool_stride=self.pool_stride)
-        return _components(structure, (1 - self.alpha) * structure + self.alpha * sgm, sgm=sgm)
-
-
-class KDASTask(DistillationTask):
-    """Method kdas: the ground truth, attention supervision of form `attention` at temperature
-    `tau`, and the Symmetrical Guiding Module, ``(1 - alpha) * S + alpha * (A + G)``."""
-
-    method = "kdas"
-
-    def __init__(self, teacher: nn.Module, *, alpha: float, attention: Attention, tau: float, pool_stride: int, **options):
-        if attention not in ATTENTIONS:
-            raise ValueError(f"unknown distill.attention {attention!r}; expected one of {', '.join(ATTENTIONS)}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        super().__init__(teacher, alpha=alpha, **options)
-        self.attention, self.tau, self.pool_stride = attention, tau, pool_stride
-
-    @classmethod
-    def from_params(cls, distill: DistillParams, teacher: Callable[[], nn.Module] | None, **options) -> KDASTask:
-        return cls(cls._load(teacher), alpha=distill.alpha, attention=distill.attention, tau=distill.tau,
-                   pool_stride=distill.pool_stride, **options)
-
-    def loss(self, student: Maps, teacher: Maps, masks: Tensor) -> dict[str, Tensor]:
-        structure = structure_term(student, masks, weighted_bce=self.weighted_bce)
-        sgm = sgm_term(student, teacher, pool_stride=self.pool_stride)
-        attended = attention_term(student, teacher, attention=self.attention, tau=self.tau, pool_stride=self.pool_stride)
-        return _components(structure, (1 - self.alpha) * structure + self.alpha * (attended + sgm), attended, sgm)
-
-
-TASKS: dict[str, type[SegmentationTask]] = {task.method: task for task in (GroundTruthTask, SGMTask, KDASTask)}
-assert tuple(TASKS) == METHODS, f"kdas.methods names {METHODS}, the tasks {tuple(TASKS)}"
-
-
-def create_task(distill: DistillParams | None, teacher: Callable[[], nn.Module] | None, *, weighted_bce: bool,
-                precision: Precision = contextlib.nullcontext, compile: bool = False) -> SegmentationTask:
-    """The task of `distill.method` (`distill` None: the ground truth alone, as method none).
-
-    `teacher` loads the teacher model (None: there is none); only a method that distils calls
-    it, and one that distils without it is a ValueError. The task freezes what it returns."""
-    method = GroundTruthTask.method if distill is None else distill.method
-    if method not in TASKS:
-        raise ValueError(f"unknown distill.method {method!r}; expected one of {', '.join(METHODS)}")
-    return TASKS[method].from_params(distill, teacher, weighted_bce=weighted_bce, precision=precision, compile=compile)

@@ -35,10 +35,14 @@ import yaml
 
 from helpers import ROOT, TINY, dvc_project, tool_environ
 from kdas.cli import COMMANDS, main
+from kdas.training.methods import NONE
 
 # the command layer: cli.py and the modules of the commands; a command runs their top level
 # and the functions it calls, not all they import (each command imports its own needs)
 COMMAND_LAYER = {"kdas.cli"} | {target.split(":")[0] for target, _ in COMMANDS.values()}
+# plug-in packages: each imports, at run time, the one of its modules that a params key names
+# (kdas.training.methods: distill.method); a stage that does not read the key runs the default
+PLUGINS = {"kdas.training.methods": ("distill", f"kdas.training.methods.{NONE}")}
 PARAMS_LOADERS = {"params_of", "load_params"}  # calls that return the Params object
 
 
@@ -112,6 +116,8 @@ def closure(modules: set[str]) -> set[Path]:
             if name in COMMAND_LAYER:
                 tree = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
             todo += imported_modules(tree, name, module_file(name).name == "__init__.py")
+            if name in PLUGINS:
+                todo += [f"{name}.{f.stem}" for f in module_file(name).parent.glob("*.py") if f.stem != "__init__"]
     return {module_file(m).relative_to(ROOT) for m in seen}
 
 
@@ -226,8 +232,14 @@ def stage_reads(cmd: str) -> tuple[set[Path], set[str]]:
     module, callback, args = click_command(cmd)
     reads = CommandReads()
     reads.visit(module, callback, args)
+    keys = {".".join(k) for k in reads.keys}
     files = closure(reads.modules | {"kdas.cli", module})
-    return files, {".".join(k) for k in reads.keys}
+    for package, (key, default) in PLUGINS.items():
+        runs = module_file(package).relative_to(ROOT) in files
+        if runs and not any(k == key or k.startswith(key + ".") for k in keys):  # only the default plug-in runs
+            plugins = {module_file(f"{package}.{f.stem}").relative_to(ROOT) for f in module_file(package).parent.glob("*.py") if f.stem != "__init__"}
+            files -= plugins - {module_file(default).relative_to(ROOT)}
+    return files, keys
 
 
 def declared_params(stage: dict) -> list[str]:
@@ -314,7 +326,7 @@ def test_a_command_imports_its_own_module_alone(argv: list[str], loaded: set[str
 
 
 MODEL_CODE = ("kdas/models/", "kdas/training/", "kdas/tracking/", "kdas/commands/", "kdas/export.py", "kdas/onnx_runtime.py", "kdas/inference.py",
-              "kdas/checkpoint.py", "kdas/losses.py")
+              "kdas/checkpoint.py", "kdas/training/losses.py")
 
 
 def test_the_synth_stage_lists_no_model_tracking_or_export_code() -> None:

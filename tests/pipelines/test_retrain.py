@@ -92,7 +92,9 @@ def test_first_run_trains_evaluates_registers_and_gates(project, first_run):
         assert by_name[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
         assert by_name[stage].data.tags["mlflow.source.git.commit"] != "unknown"
     assert "evaluate_student" not in by_name and "register_student" not in by_name
-    assert student.data.params["distill.alpha"] == "0.3" and student.data.params["train.image_size"] == "64"
+    # the student's method and its own settings, not every method's
+    assert student.data.params["distill.kdas.weight"] == "0.43" and student.data.params["train.image_size"] == "64"
+    assert not any(key.startswith(("distill.kd.", "distill.sgm.")) for key in student.data.params)
     assert "test/synth/meanDic" in student.data.metrics and student.data.tags["kdas.stage.evaluate_student"] == "done"
     assert any(key.startswith("dvc.dep.") for key in student.data.tags)
     artifacts = {a.path for a in client.list_artifacts(student.info.run_id, "evaluate/student")}
@@ -156,7 +158,7 @@ def test_distillation_experiments_rerun_distill_evaluate_and_register_only_and_c
     git("commit", "-qm", "first run")  # the baseline the experiments compare with
     assert "Data and pipelines are up to date" in dvc("status").stdout
     versions = len(registry_state("kdas-student")[0])
-    exp = dvc("exp", "run", "-n", "alpha-0.1", "-S", "distill.alpha=0.1")
+    exp = dvc("exp", "run", "-n", "weight-0.1", "-S", "distill.kdas.weight=0.1")
     assert exp.returncode == 0, exp.stderr[-2000:]
     ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"distill", "evaluate@student", "register@student"}
@@ -164,7 +166,7 @@ def test_distillation_experiments_rerun_distill_evaluate_and_register_only_and_c
     shown = json.loads(dvc("exp", "show", "--json").stdout)
     found = {rev["name"]: rev["data"]["metrics"] for base in shown for exp in base.get("experiments") or []
              for rev in exp.get("revs") or [] if rev.get("name")}
-    assert set(found) == {"alpha-0.1"}
+    assert set(found) == {"weight-0.1"}
     for metrics in found.values():  # real numbers, not "!"
         assert 0 <= metrics["reports/evaluate/student/metrics.json"]["data"]["datasets"]["synth"]["meanDic"] <= 1
     diff = dvc("metrics", "diff")
