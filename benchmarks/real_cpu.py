@@ -1,22 +1,42 @@
-"""The real-data KDAS benchmark on a CPU: the PraNet split, an EfficientNet-Lite2 teacher and
-EfficientNet-Lite0 students (ImageNet weights from ../shared/weights), one DVC experiment
-per distillation method, variant and seed, each tracked in MLflow. Writes benchmarks/results/real-cpu.md.
+"""The real-data distillation benchmark on a CPU, round three: does distillation earn its cost?
 
-    python benchmarks/real_cpu.py                 # import the data, run every experiment, write the table
-    python benchmarks/real_cpu.py --report-only   # rebuild the table from the experiments already run
+The PraNet split of Kvasir-SEG + CVC-ClinicDB (CVC-ColonDB test only), an EfficientNet-Lite2
+teacher and EfficientNet-Lite0 students with the ImageNet weights of ../shared/weights (the
+`real-cpu` profile). Every student trains on the same input pipeline and one schedule
+(SCHEDULE, chosen on val for the student alone); the methods differ only by their teacher terms.
 
-Run it in a clone of its own (the experiments rewrite params.yaml and the workspace
-outputs): `git clone . ../kdas-bench && cd ../kdas-bench && python benchmarks/real_cpu.py`.
-Each experiment is `dvc exp run -n NAME -S distill.method=M -S distill.seed=S [-S ...]` (see
-`plan`); DVC's run cache trains the teacher once. What ran is printed; nothing is hidden here.
+    python benchmarks/real_cpu.py              # every step not done yet, in order; kill and rerun at will
+    python benchmarks/real_cpu.py --plan       # what is done and what would run
+    python benchmarks/real_cpu.py --report-only
+
+Run it in a clone of its own, under nice (the experiments rewrite params.yaml and the
+workspace's outputs): `git clone . ../kdas-bench && cd ../kdas-bench && nice python
+benchmarks/real_cpu.py`. The steps:
+
+1. the data (`kdas data import` x3, `kdas params use real-cpu`, `dvc repro validate`);
+2. the teacher, trained once (`kdas train teacher --resume`: a killed run continues), scored on
+   the test sets (`kdas evaluate --role teacher`) and on train and val (its headroom);
+3. the control check: each method at teacher weight 0 against method none, 2 short epochs on
+   real frames, in process: the same val meanDic and structure loss at every epoch or the
+   benchmark stops;
+4. the students, one DVC experiment each: `dvc exp run -s distill evaluate@student -n NAME -S
+   ...` (-s: the teacher is not retrained). Seed 0 runs the student alone and every variant of
+   GRID; the variant of each method with the best val meanDic (never a test score) goes on to
+   seeds 1 and 2, the student alone too; then the equal-time arm (the student alone trained
+   as long as the slowest chosen distilled arm on seed 0).
+
+Each finished student is written at once to benchmarks/results/real-cpu.json (commit it as it
+grows: a rerun skips what it holds), and real-cpu.md is made from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
-import re
+import platform
 import statistics
 import subprocess
 import sys
@@ -25,254 +45,333 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-DATASETS = {"kvasir-seg": "kvasir-seg", "cvc-clinicdb": "cvc-clinicdb", "cvc-colondb": "cvc-colondb"}
-# each student: its `dvc exp run -S` settings besides the seed, every varied key given (a
-# workspace experiment leaves its -S values in params.yaml for the next one)
-STUDENTS = {
-    "none": ["distill.method=none"],
-    "sgm": ["distill.method=sgm", "distill.alpha=0.3"],
-    # KDAS's grid, run on the first seed; the best on val goes on to the other seeds
-    "kdas-spatial-0.3": ["distill.method=kdas", "distill.attention=spatial", "distill.alpha=0.3"],
-    "kdas-spatial-0.1": ["distill.method=kdas", "distill.attention=spatial", "distill.alpha=0.1"],
-    "kdas-pairwise-0.3": ["distill.method=kdas", "distill.attention=pairwise", "distill.alpha=0.3"],
-    "kdas-pairwise-0.1": ["distill.method=kdas", "distill.attention=pairwise", "distill.alpha=0.1"],
+DATASETS = ("kvasir-seg", "cvc-clinicdb", "cvc-colondb")
+RESULTS = ROOT / "benchmarks" / "results"
+JSON, MD = RESULTS / "real-cpu.json", RESULTS / "real-cpu.md"
+SEEDS = (0, 1, 2)
+# the students' schedule (the official StepLR, x0.1): chosen on val for the student alone on
+# seed 0 and used unchanged in every arm; its best val epoch must not be one of the last two
+SCHEDULE = {"train.epochs": 14, "train.decay_epochs": 6}
+# each method's variants, tried on seed 0; `none` is the control
+GRID = {
+    "none": {"none": {}},
+    "kd": {"kd-w1-t1": {"weight": 1.0, "temperature": 1.0}, "kd-w1-t4": {"weight": 1.0, "temperature": 4.0}},
+    "sgm": {"sgm-w0.43": {"weight": 0.43}},  # the official recipe's ratio (alpha 0.3)
+    "kdas": {"kdas-corr-w0.43": {"weight": 0.43, "attention": "correlation"}, "kdas-corr-w1": {"weight": 1.0, "attention": "correlation"}},
 }
-RESULTS = ROOT / "benchmarks" / "results" / "real-cpu.md"
-# The papers' numbers (KDAS, ICME 2024, Table 1: GPU, 352 px, 100 epochs, PVTv2 backbones,
-# best epoch picked on the test sets): theirs, for reference only.
-PUBLISHED = {
-    "KDAS student (PVTv2-B0), paper": {"kvasir-seg": (0.913, 0.848, 0.027), "cvc-clinicdb": (0.925, 0.872, None), "cvc-colondb": (0.759, 0.679, 0.032)},
-}
+EQUAL_TIME = "none-equal-time"
 
 
 def sh(*cmd: str) -> str:
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    print(out.stdout[-4000:], flush=True)
+    print(out.stdout[-3000:], flush=True)
     if out.returncode:
         sys.exit(f"`{' '.join(cmd)}` failed (exit {out.returncode})")
     return out.stdout
 
 
-def plan(seeds: list[int], done: dict[str, dict]) -> dict[str, list[str]]:
-    """Experiment name -> its `dvc exp run -S` settings, in the order they run. On the first
-    seed: the student alone, SGM, and each KDAS variant; on each further seed: the student
-    alone, SGM, and the KDAS variant with the best val meanDic on the first seed (selected on
-    val, never on a test set; known once the first seed's runs in `done` are over).
-    `distill.seed` seeds the student alone, so DVC's run cache trains the teacher once."""
-    first, *others = seeds
-    runs = {f"real-cpu-{name}-seed{first}": [*settings, f"distill.seed={first}"] for name, settings in STUDENTS.items()}
-    scored = {name: _metrics(done[f"real-cpu-{name}-seed{first}"], "models/student/metrics.json").get("best_val_meanDic", -1.0)
-              for name in STUDENTS if name.startswith("kdas") and f"real-cpu-{name}-seed{first}" in done}
-    kdas = max(scored, key=scored.get) if scored else "kdas-spatial-0.3"
-    for seed in others:
-        runs |= {f"real-cpu-{name}-seed{seed}": [*STUDENTS[name], f"distill.seed={seed}"] for name in ("none", "sgm", kdas)}
-    return runs
+def read(path: str | Path) -> dict:
+    path = ROOT / path
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def run(seeds: list[int]) -> None:
-    for name, folder in DATASETS.items():
+def load() -> dict:
+    return json.loads(JSON.read_text()) if JSON.exists() else {"runs": {}}
+
+
+def save(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = JSON.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.replace(JSON)
+
+
+def machine() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2'}"
+
+
+# -- 1, 2: data and teacher ------------------------------------------------------------------
+
+
+def setup() -> None:
+    for name in DATASETS:
         if not (ROOT / "data" / "raw" / name).exists():
-            sh("kdas", "data", "import", str(SHARED / "datasets" / folder))
-    sh("kdas", "params", "use", "real-cpu")
-    while True:  # the plan is read again after each run: later runs depend on earlier results
-        done = experiments()
-        todo = [(name, settings) for name, settings in plan(seeds, done).items() if name not in done]
-        if not todo:
-            return
-        exp, settings = todo[0]
-        started = time.time()
-        sh("dvc", "exp", "run", "-n", exp, *[arg for s in settings for arg in ("-S", s)])
-        print(f"{exp}: {(time.time() - started) / 60:.1f} min", flush=True)
+            sh("kdas", "data", "import", str(SHARED / "datasets" / name))
+    from kdas.config import load_params
+
+    if load_params(ROOT / "params.yaml").data.datasets != list(DATASETS):
+        sh("kdas", "params", "use", "real-cpu")
+    sh("dvc", "repro", "validate")
 
 
-def experiments() -> dict[str, dict]:
-    """name -> {params, metrics (file -> data), rev, baseline} from `dvc exp show --json`, on
-    every commit (a later baseline keeps the experiments run at an earlier one)."""
-    raw = json.loads(subprocess.run(["dvc", "exp", "show", "--all-commits", "--json"], cwd=ROOT, text=True, capture_output=True,
-                                    check=True).stdout)
-    found = {}
-    for baseline in raw:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                data = rev.get("data") or {}
-                if rev.get("name") and rev.get("rev") != "workspace":  # "workspace": still running there
-                    found[rev["name"]] = {"rev": rev.get("rev"), "baseline": baseline.get("rev"), "params": data.get("params", {}),
-                                          "metrics": data.get("metrics", {})}
+def teacher(results: dict) -> None:
+    from kdas.config import load_params
+
+    epochs = load_params(ROOT / "params.yaml").train.for_role("teacher").epochs
+    if read("models/teacher/metrics.json").get("epochs_run") != epochs or not (ROOT / "models/teacher/best.pt").exists():
+        sh("nice", "kdas", "train", "teacher", "--resume")
+    if "teacher" in results and results["teacher"]["sha256"] == _sha(ROOT / "models/teacher/best.pt"):
+        return
+    sh("kdas", "evaluate", "--role", "teacher")
+    results["teacher"] = {"sha256": _sha(ROOT / "models/teacher/best.pt"), **_scores("reports/evaluate/teacher/metrics.json"),
+                          **_training("models/teacher"), "headroom": headroom(ROOT / "models/teacher/best.pt")}
+    save(results)
+
+
+def _sha(path: Path) -> str:
+    from kdas.io import file_sha256
+
+    return file_sha256(path)
+
+
+def headroom(model: Path) -> dict[str, float]:
+    """The teacher's mean published meanDic on its own train and val frames, beside test: how
+    much it knows that the students could learn."""
+    import tempfile
+
+    import pandas as pd
+
+    from kdas.evaluation import evaluate_model
+    from kdas.inference import Segmenter
+
+    manifest = pd.read_parquet(ROOT / "data" / "manifest.parquet")
+    seg, found = Segmenter.load(model, "cpu"), {}
+    for split in ("train", "val"):
+        rows = manifest[manifest["split"] == split].assign(split="test")
+        with tempfile.TemporaryDirectory() as out:
+            found[split] = evaluate_model(seg, rows, out, batch_size=8, grid_size=1)["published"]["mean"]["meanDic"]
     return found
 
 
-def _metrics(exp: dict, path: str) -> dict:
-    return (exp["metrics"].get(path) or {}).get("data") or {}
+def _scores(path: str) -> dict:
+    ev = read(path)
+    return {"published": {d: m["meanDic"] for d, m in ev["published"].items() if d != "mean"}, "mean": ev["published"]["mean"]["meanDic"],
+            "calibrated_mean": ev["datasets"]["mean"]["meanDic"], "latency_ms": ev["efficiency"]["latency_ms"]}
 
 
-def _mean_published(exp: dict) -> float | None:
-    ev = _metrics(exp, "reports/evaluate/student/metrics.json")
-    return ev["published"]["mean"]["meanDic"] if ev else None
+def _training(folder: str) -> dict:
+    import pandas as pd
+
+    m = read(f"{folder}/metrics.json")
+    history = pd.read_csv(ROOT / folder / "history.csv")
+    return {"best_val_meanDic": m["best_val_meanDic"], "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
+            "train_seconds": m["train_seconds"], "val_curve": [round(v, 4) for v in history["val_meanDic"]],
+            "train_structure": [round(v, 4) for v in history["train_structure"]]}
 
 
-def scores_by_seed(exps: dict[str, dict]) -> dict[str, dict[int, float]]:
-    """student variant -> seed -> mean published meanDic over the test sets."""
-    by_variant: dict[str, dict[int, float]] = {}
-    for name, exp in exps.items():
-        variant, _, seed = name.removeprefix("real-cpu-").rpartition("-seed")
-        if (score := _mean_published(exp)) is not None:
-            by_variant.setdefault(variant, {})[int(seed)] = score
-    return by_variant
+# -- 3: the control --------------------------------------------------------------------------
 
 
-def seed_table(by_variant: dict[str, dict[int, float]]) -> list[str]:
-    """Mean published meanDic over the test sets, per student and seed: the spread between
-    seeds is the yardstick for any difference between methods."""
-    seeds = sorted({s for v in by_variant.values() for s in v})
-    lines = ["| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max - min) |",
-             "|---|" + "---|" * (len(seeds) + 2)]
-    for variant, scores in sorted(by_variant.items()):
-        cells = [f"{scores[s]:.4f}" if s in scores else "-" for s in seeds]
-        values = list(scores.values())
-        spread = f"{max(values) - min(values):.4f}" if len(values) > 1 else "-"
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {statistics.mean(values):.4f} | {spread} |")
-    return lines
+def control(results: dict) -> None:
+    """Each method at teacher weight 0 beside method none on 128 real training frames (32 val),
+    2 epochs of 8 steps: the same val meanDic and structure loss at every epoch (within 1e-6)."""
+    if "control" in results:
+        return
+    import tempfile
+
+    import pandas as pd
+
+    from kdas.config import load_params
+    from kdas.training import TrainJob, train
+    from kdas.training.methods import names
+
+    params = load_params(ROOT / "params.yaml")
+    manifest = pd.read_parquet(ROOT / "data" / "manifest.parquet")
+    rows = pd.concat([manifest[manifest["split"] == "train"].head(128), manifest[manifest["split"] == "val"].head(32)])
+    job = dict(role="student", model=params.model.student, manifest=rows, train=dataclasses.replace(params.train, epochs=2, workers=0),
+               teacher=ROOT / "models/teacher/best.pt", max_steps=8)
+    with tempfile.TemporaryDirectory() as out:
+        histories = {}
+        for method in names():
+            settings = {**params.distill.settings, method: {**params.distill.settings.get(method, {}), **({"weight": 0.0} if method != "none" else {})}}
+            distill = dataclasses.replace(params.distill, method=method, settings=settings)
+            histories[method] = train(TrainJob(**job, out_dir=Path(out) / method, distill=distill)).history
+    gaps = {m: max(max(abs(a[k] - b[k]) for k in ("val_meanDic", "train_structure")) for a, b in zip(histories["none"], h))
+            for m, h in histories.items() if m != "none"}
+    results["control"] = {"max_abs_difference": gaps, "epochs": 2, "steps_per_epoch": 8, "train_frames": 128, "val_frames": 32}
+    save(results)
+    if any(gap > 1e-6 for gap in gaps.values()):
+        sys.exit(f"the control is no control: at teacher weight 0 the methods differ from none by {gaps}")
 
 
-def paired_table(by_variant: dict[str, dict[int, float]]) -> list[str]:
-    """Each method minus the student alone on the same seed (same data order, augmentation
-    and decoder initialisation): the mean difference against its standard deviation says
-    whether distillation helps, not the means alone."""
-    alone = by_variant.get("none", {})
-    seeds = sorted(alone)
-    lines = ["| method - none | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | seeds |",
-             "|---|" + "---|" * (len(seeds) + 3)]
-    for variant, scores in sorted(by_variant.items()):
-        diffs = {s: scores[s] - alone[s] for s in seeds if s in scores}
-        if variant == "none" or not diffs:
+# -- 4: the students -------------------------------------------------------------------------
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    return {name: (method, settings) for method, grid in GRID.items() for name, settings in grid.items()}
+
+
+def chosen(results: dict) -> dict[str, str]:
+    """Per method, its variant with the best val meanDic on seed 0 (once all of them ran)."""
+    runs, picks = results["runs"], {}
+    for method, grid in GRID.items():
+        scored = {name: runs[f"{name}-seed0"]["best_val_meanDic"] for name in grid if f"{name}-seed0" in runs}
+        if len(scored) == len(grid):
+            picks[method] = max(scored, key=scored.get)
+    return picks
+
+
+def equal_time_schedule(results: dict, picks: dict[str, str]) -> dict[str, int] | None:
+    """The student alone trained as long as the slowest chosen distilled arm on seed 0: its
+    epochs scaled by the ratio of training seconds, the decay at the same share of them."""
+    runs = results["runs"]
+    if "none-seed0" not in runs or set(picks) != set(GRID):
+        return None
+    slowest = max(runs[f"{picks[m]}-seed0"]["train_seconds"] for m in GRID if m != "none")
+    ratio = slowest / runs["none-seed0"]["train_seconds"]
+    epochs = round(SCHEDULE["train.epochs"] * ratio)
+    return {"train.epochs": epochs, "train.decay_epochs": round(SCHEDULE["train.decay_epochs"] * epochs / SCHEDULE["train.epochs"])}
+
+
+def plan(results: dict) -> list[tuple[str, list[str]]]:
+    """(experiment, its -S settings) in the order they run; what is known decides what follows."""
+    todo, picks = [], chosen(results)
+    for seed in SEEDS:
+        names = list(variants()) if seed == 0 else [picks[m] for m in GRID if m in picks]
+        for name in names:
+            method, settings = variants()[name]
+            todo.append((f"{name}-seed{seed}", [f"distill.method={method}", f"distill.seed={seed}", *(f"{k}={v}" for k, v in SCHEDULE.items()),
+                                                *(f"distill.{method}.{k}={v}" for k, v in settings.items())]))
+    if schedule := equal_time_schedule(results, picks):
+        todo.append((f"{EQUAL_TIME}-seed0", ["distill.method=none", "distill.seed=0", *(f"{k}={v}" for k, v in schedule.items())]))
+    return todo
+
+
+def student(results: dict, name: str, settings: list[str]) -> None:
+    started = time.time()
+    sh("dvc", "exp", "run", "-s", "distill", "evaluate@student", "-n", name, *[a for s in settings for a in ("-S", s)])
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, capture_output=True).stdout.strip()
+    results["runs"][name] = {"settings": settings, "baseline": rev, "machine": machine(), "wall_seconds": round(time.time() - started),
+                             **_scores("reports/evaluate/student/metrics.json"), **_training("models/student")}
+    save(results)
+    print(f"{name}: mean published meanDic {results['runs'][name]['mean']:.4f} in {(time.time() - started) / 60:.1f} min", flush=True)
+
+
+def schedule_check(results: dict) -> None:
+    run = results["runs"].get("none-seed0")
+    if run and run["best_epoch"] > run["epochs_run"] - 2:
+        sys.exit(f"the student alone's best val epoch is {run['best_epoch']} of {run['epochs_run']}: not converged; lengthen SCHEDULE "
+                 "and rerun (delete the runs of real-cpu.json made with the old one)")
+
+
+def run() -> None:
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    results = load()
+    setup()
+    teacher(results)
+    control(results)
+    while todo := [(n, s) for n, s in plan(results) if n not in results["runs"]]:
+        student(results, *todo[0])
+        schedule_check(results)
+        write_report(results)
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def arms(results: dict) -> dict[str, dict[int, dict]]:
+    """arm (variant name) -> seed -> run."""
+    found: dict[str, dict[int, dict]] = {}
+    for name, run in results["runs"].items():
+        arm, _, seed = name.rpartition("-seed")
+        found.setdefault(arm, {})[int(seed)] = run
+    return found
+
+
+def paired(results: dict) -> list[dict]:
+    """Each arm minus the student alone on the same seed: mean, std, t = mean / (std / sqrt(n)),
+    per test set, and the share of the teacher - student gap recovered."""
+    by_arm, rows = arms(results), []
+    alone = by_arm.get("none", {})
+    gap = results["teacher"]["mean"] - statistics.mean(r["mean"] for r in alone.values()) if "teacher" in results and alone else None
+    for arm, seeds in sorted(by_arm.items()):
+        common = sorted(s for s in seeds if s in alone)
+        if arm == "none" or not common:
             continue
-        values = list(diffs.values())
-        std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "-"
-        cells = [f"{diffs[s]:+.4f}" if s in diffs else "-" for s in seeds]
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {statistics.mean(values):+.4f} | {std} | {len(values)} |")
-    return lines
+        diffs = [seeds[s]["mean"] - alone[s]["mean"] for s in common]
+        mean = statistics.mean(diffs)
+        std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+        rows.append({"arm": arm, "seeds": common, "diffs": diffs, "mean": mean, "std": std,
+                     "t": mean / (std / math.sqrt(len(diffs))) if len(diffs) > 1 and std > 0 else math.nan,
+                     "per_set": {d: statistics.mean(seeds[s]["published"][d] - alone[s]["published"][d] for s in common) for d in DATASETS},
+                     "gap_share": mean / gap if gap else math.nan})
+    return rows
 
 
-def teacher_gap(exps: dict[str, dict], by_variant: dict[str, dict[int, float]]) -> list[str]:
-    """The teacher against the student alone, the first condition for distillation to help."""
-    teacher = next((ev for exp in exps.values() if (ev := _metrics(exp, "reports/evaluate/teacher/metrics.json"))), None)
-    if teacher is None or not by_variant.get("none"):
-        return []
-    score, alone = teacher["published"]["mean"]["meanDic"], statistics.mean(by_variant["none"].values())
-    return [f"Teacher {score:.4f} against the student alone {alone:.4f} (mean over its seeds): {score - alone:+.4f} "
-            "(the goal: at least +0.03).", ""]
+def _f(x: float, fmt: str = "+.4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def commands(seeds: list[int], done: dict[str, dict]) -> list[str]:
-    return ["```bash", "git clone . ../kdas-bench && cd ../kdas-bench",
-            "python -m venv .venv && .venv/bin/pip install -e '.[test]'",
-            f".venv/bin/python benchmarks/real_cpu.py --seeds {' '.join(map(str, seeds))}"
-            "   # imports ../shared/datasets, `kdas params use real-cpu`, then:",
-            *[f"#   dvc exp run -n {name} " + " ".join(f"-S {s}" for s in settings) for name, settings in plan(seeds, done).items()],
-            ".venv/bin/python benchmarks/real_cpu.py --report-only   # this file again, from `dvc exp show`", "```", ""]
-
-
-def report(seeds: list[int], reading: str) -> str:
-    exps = {k: v for k, v in experiments().items() if k.startswith("real-cpu-")}
-    if not exps:
-        sys.exit("no real-cpu experiment found (`dvc exp show`); run without --report-only first")
-    by_variant = scores_by_seed(exps)
-    lines = ["# Real-data KDAS benchmark on a 2-core CPU", "", READING, "", reading.strip() or "(to be written: what the numbers say)", "",
-             "## Commands", "", *commands(seeds, exps),
-             "## Results", "",
-             "Measured here by `python benchmarks/real_cpu.py` (see its docstring); every row is a DVC experiment",
-             "(`dvc exp show`), tracked in MLflow (`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`).", "",
-             "Mean over the three test sets of the student's meanDic (`published` maps), per seed (`distill.seed`; the teacher is",
-             "the same for all):", "", *seed_table(by_variant), "", *teacher_gap(exps, by_variant),
-             "Paired differences, each method minus the student alone with the same seed:", "", *paired_table(by_variant), "",
-             "Maps prepared as the published test scripts do (`published`: min-max normalised sigmoid, 8-bit), scored",
-             "with the standard protocol (UACANet port of PraNet's toolbox); meanDic under `calibrated` maps beside it.", ""]
-    header = "| model | test set | meanDic | meanIoU | wFm | Sm | MAE | maxDic | meanDic (calibrated) |"
-    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
-    seen_teacher = False
-    cost = ["", "| model | params (M) | GMACs | CPU latency, batch 1 (ms) | best epoch / run | best val meanDic | train time (s) |",
-            "|---|---|---|---|---|---|---|"]
-    for name, exp in sorted(exps.items()):
-        roles = [("student", name)] + ([] if seen_teacher else [("teacher", "teacher (EfficientNet-Lite2)")])
-        seen_teacher = True
-        for role, label in roles:
-            ev = _metrics(exp, f"reports/evaluate/{role}/metrics.json")
-            if not ev:
-                continue
-            for ds, m in ev["published"].items():
-                cal = ev["datasets"][ds]["meanDic"]
-                rows.append(f"| {label} | {ds} | {m['meanDic']:.4f} | {m['meanIoU']:.4f} | {m['wFm']:.4f} | {m['Sm']:.4f} | {m['mae']:.4f} "
-                            f"| {m['maxDic']:.4f} | {cal:.4f} |")
-            tr = _metrics(exp, f"models/{role}/metrics.json")
-            e = ev["efficiency"]
-            cost.append(f"| {label} | {e['params_m']:.2f} | {e['gmacs']:.2f} | {e['latency_ms']:.1f} | {tr.get('best_epoch', '?')} / "
-                        f"{tr.get('epochs_run', '?')} | {tr.get('best_val_meanDic', float('nan')):.4f} | {tr.get('train_seconds', float('nan')):.0f} |")
-    lines += rows + cost
-    lines += ["", "Published numbers for reference (theirs, not measured here: GPU, 352 px, 100 epochs, PVTv2-B2 teacher",
-              "and PVTv2-B0 student, epoch picked on the test sets):", "", "| model | test set | meanDic | meanIoU | MAE |", "|---|---|---|---|---|"]
-    for label, sets in PUBLISHED.items():
-        for ds, (dice, iou, mae) in sets.items():
-            lines.append(f"| {label} | {ds} | {dice:.3f} | {iou:.3f} | {'-' if mae is None else f'{mae:.3f}'} |")
-    lines += ["", "Experiments (DVC experiment commit, at baseline git commit): "
-              + ", ".join(f"`{k}` ({(v['rev'] or '?')[:7]} at {(v['baseline'] or '?')[:7]})" for k, v in sorted(exps.items())), ""]
-    lines += lineage()
+def report(results: dict, reading: str) -> str:
+    lines = ["# Real-data distillation benchmark on a 2-core CPU, round three", "", READING, "",
+             reading.strip() or "(to be written when the runs are in: what the numbers say)", "",
+             "## How it was run", "",
+             "`python benchmarks/real_cpu.py` in a clone of its own (its docstring gives every step); each student is a DVC",
+             f"experiment `dvc exp run -s distill evaluate@student -n NAME -S ...`. Schedule for every student: {SCHEDULE} (StepLR x0.1);",
+             "variants chosen on val on seed 0. Round two (another input pipeline for the distilled arms, the convex loss):",
+             "[real-cpu-round2.md](real-cpu-round2.md); round one: [real-cpu-round1.md](real-cpu-round1.md).", ""]
+    if t := results.get("teacher"):
+        lines += ["## The teacher", "", "| | train | val | test (mean of 3) | " + " | ".join(DATASETS) + " | best epoch / run | train s |",
+                  "|---|---|---|---|" + "---|" * len(DATASETS) + "---|---|",
+                  f"| EfficientNet-Lite2, published meanDic | {t['headroom']['train']:.4f} | {t['headroom']['val']:.4f} | {t['mean']:.4f} | "
+                  + " | ".join(f"{t['published'][d]:.4f}" for d in DATASETS) + f" | {t['best_epoch']} / {t['epochs_run']} | {t['train_seconds']:.0f} |", ""]
+    if c := results.get("control"):
+        lines += ["## The control", "", f"Each method at teacher weight 0 against method none ({c['train_frames']} real training frames, "
+                  f"{c['epochs']} epochs of {c['steps_per_epoch']} steps), the largest difference of val meanDic or structure loss over the epochs: "
+                  + ", ".join(f"{m} {v:.1e}" for m, v in sorted(c["max_abs_difference"].items())) + ".", ""]
+    by_arm = arms(results)
+    if by_arm:
+        lines += ["## Every student", "", "Mean published meanDic over the three test sets (best val meanDic, epoch / run, training s):", "",
+                  "| arm | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |", "|---|" + "---|" * (len(SEEDS) + 1)]
+        for arm, seeds in sorted(by_arm.items()):
+            cells = [f"{seeds[s]['mean']:.4f} ({seeds[s]['best_val_meanDic']:.4f}, {seeds[s]['best_epoch']}/{seeds[s]['epochs_run']}, "
+                     f"{seeds[s]['train_seconds']:.0f})" if s in seeds else "-" for s in SEEDS]
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.mean(r['mean'] for r in seeds.values()):.4f} |")
+        lines.append("")
+    if rows := paired(results):
+        lines += ["## Paired against the student alone", "",
+                  "Each arm minus `none` with the same seed (same data order, augmentation and initialisation); t = mean / (std / sqrt(n))"
+                  " (one-sided p < 0.05 with three seeds: t > 2.92); gap share = mean / (teacher - none).", "",
+                  "| arm | per seed | mean | std | t | " + " | ".join(DATASETS) + " | gap share |", "|---|---|---|---|---|" + "---|" * len(DATASETS) + "---|"]
+        for r in rows:
+            lines.append(f"| {r['arm']} | " + ", ".join(f"{d:+.4f}" for d in r["diffs"]) + f" | {_f(r['mean'])} | {_f(r['std'], '.4f')} | "
+                         f"{_f(r['t'], '+.2f')} | " + " | ".join(_f(r["per_set"][d]) for d in DATASETS) + f" | {_f(r['gap_share'], '+.2f')} |")
+        lines.append("")
+    lines += ["Machine(s): " + ", ".join(sorted({r["machine"] for r in results["runs"].values()})) if results["runs"] else "", ""]
     return "\n".join(lines)
-
-
-def lineage() -> list[str]:
-    """The code, data and MLflow runs behind the table."""
-    from kdas.provenance import dvc_hashes
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, capture_output=True).stdout.strip()
-    hashes = dvc_hashes(ROOT)
-    lines = ["## Lineage", "", f"- code: git commit `{commit}` (the latest baseline; each experiment names its own above)",
-             f"- data: `data/manifest.parquet` md5 `{hashes.get('data/manifest.parquet', '?')}`; "
-             + ", ".join(f"`{k}` `{v}`" for k, v in sorted(hashes.items()) if k.startswith("data/raw/"))]
-    store = ROOT / "mlflow" / "mlflow.db"
-    if store.exists():
-        import sqlite3
-
-        runs = sqlite3.connect(store).execute(
-            "select r.name, r.run_uuid, r.status, group_concat(p.key || '=' || p.value, ' ') from runs r left join params p "
-            "on p.run_uuid = r.run_uuid and (p.key like 'distill%' or p.key = 'train.seed') "
-            "where r.name like 'train_%' group by r.run_uuid order by r.start_time").fetchall()
-
-        def settings(params: str) -> str:  # flat keys (distill.alpha=0.1 ...) or one repr (distill=DistillParams(...))
-            found = dict(re.findall(r"(method|attention|alpha|seed)\W{1,2}([\w.]+)", params or ""))
-            return ", ".join(f"{k} {found[k]}" for k in ("method", "attention", "alpha", "seed") if k in found)
-
-        lines.append("- MLflow runs (`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`): "
-                     + "; ".join(f"{name} ({settings(p)}) `{run}` ({status})" for name, run, status, p in runs))
-    return lines + [""]
 
 
 READING = "## What the numbers say"
 
 
 def kept_reading() -> str:
-    """The hand-written reading of the existing results file, which a rebuild keeps."""
-    if not RESULTS.exists():
-        return ""
-    text = RESULTS.read_text()
-    if READING not in text:
-        return ""
-    after = text.split(READING, 1)[1]
-    return after.split("\n## ", 1)[0]
+    text = MD.read_text() if MD.exists() else ""
+    return text.split(READING, 1)[1].split("\n## ", 1)[0] if READING in text else ""
+
+
+def write_report(results: dict) -> str:
+    text = report(results, kept_reading())
+    MD.write_text(text)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--report-only", action="store_true", help="rebuild the table from the experiments already run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distill.seed of each round of students")
+    parser.add_argument("--report-only", action="store_true", help="write real-cpu.md from real-cpu.json, run nothing")
+    parser.add_argument("--plan", action="store_true", help="print what is done and what would run next")
     args = parser.parse_args()
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    results = load()
+    if args.plan:
+        for name, settings in plan(results):
+            print(("done " if name in results["runs"] else "todo ") + name + " " + " ".join(f"-S {s}" for s in settings))
+        return
     if not args.report_only:
-        run(args.seeds)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    text = report(args.seeds, kept_reading())
-    RESULTS.write_text(text)
-    print(text)
+        run()
+        results = load()
+    print(write_report(results))
 
 
 if __name__ == "__main__":

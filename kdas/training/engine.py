@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,23 +123,12 @@ def _rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows
 
 
-def _code_digest() -> str:
-    """The source of every kdas module this process has loaded."""
-    digest = hashlib.sha256()
-    for name, module in sorted(sys.modules.items()):
-        if (name == "kdas" or name.startswith("kdas.")) and getattr(module, "__file__", None):
-            digest.update(name.encode() + Path(module.__file__).read_bytes())
-    return digest.hexdigest()
-
-
 def _fingerprint(job: TrainJob, model_config: dict, ids: list[str]) -> str:
-    """What a resumed run must share with the checkpoint: model, params, data, teacher and
-    code (`--resume` of a checkpoint written otherwise starts afresh instead: a benchmark
-    resumed after a pull must not finish under other code what it began under one)."""
+    """What a resumed run must share with the checkpoint: model, params, data and teacher
+    (`--resume` of a checkpoint written with other settings starts afresh instead)."""
     teacher = file_sha256(job.teacher) if job.teacher and job.method != "none" else ""
     train = {k: v for k, v in dataclasses.asdict(job.train).items() if k not in ("workers", "nproc_per_node")}
-    blob = json.dumps([model_config, dataclasses.asdict(job.model), train, job.distill and dataclasses.asdict(job.distill), teacher, ids,
-                       _code_digest()], sort_keys=True)
+    blob = json.dumps([model_config, dataclasses.asdict(job.model), train, job.distill and dataclasses.asdict(job.distill), teacher, ids], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -3,19 +3,18 @@ models and inputs. What they measure is read from their tables, not asserted her
 table is there, whole, is.
 
 real_cpu.py's full run (the PraNet data from ../shared, hours of training) has no tiny mode: its
---report-only half runs here, on a DVC repository of two made-up experiments."""
+planning and report run here, on a results file of made-up students."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers import DATASETS, ROOT, SHARED, tool_environ
+from helpers import DATASETS, ROOT, SHARED
 
 pytestmark = pytest.mark.slow
 
@@ -74,52 +73,48 @@ def test_bench_suite_times_each_test_module():
     assert all(float(cells[2]) > 0 and cells[-1] == "main" for cells in rows.values())  # CPU seconds, in the one pytest process
 
 
-# the `evaluate` stage of the repository below: the metrics files of a real run, their figures made up
-FAKE_EVALUATE = textwrap.dedent("""\
-    import json, pathlib, yaml
-    distill = yaml.safe_load(open("params.yaml"))["distill"]
-    dice = 0.5 + 0.01 * distill["seed"] + (0.02 if distill["method"] == "sgm" else 0.0)
-    scores = {"meanDic": dice, "meanIoU": dice - 0.1, "wFm": dice - 0.05, "Sm": dice + 0.1, "mae": 0.05, "maxDic": dice + 0.01}
-    report = {"published": {"kvasir-seg": scores, "mean": scores}, "datasets": {"kvasir-seg": {"meanDic": dice}, "mean": {"meanDic": dice}},
-              "efficiency": {"params_m": 3.5, "gmacs": 1.2, "latency_ms": 20.0}}
-    for role in ("student", "teacher"):
-        pathlib.Path(f"reports/evaluate/{role}").mkdir(parents=True, exist_ok=True)
-        pathlib.Path(f"reports/evaluate/{role}/metrics.json").write_text(json.dumps(report))
-    pathlib.Path("models/student").mkdir(parents=True, exist_ok=True)
-    pathlib.Path("models/student/metrics.json").write_text(json.dumps({"best_val_meanDic": dice, "best_epoch": 3, "epochs_run": 5,
-                                                                       "train_seconds": 60.0}))
-""")
-FAKE_DAG = """\
-stages:
-  evaluate:
-    cmd: python evaluate.py
-    deps: [evaluate.py]
-    params: [distill]
-    metrics:
-      - reports/evaluate/student/metrics.json: {cache: false}
-      - reports/evaluate/teacher/metrics.json: {cache: false}
-      - models/student/metrics.json: {cache: false}
-"""
+def _bench_run(mean: float, val: float, seconds: float = 100.0) -> dict:
+    """One student of real-cpu.json, its scores made up (the report's arithmetic is what is tested)."""
+    return {"mean": mean, "published": {"kvasir-seg": mean + 0.05, "cvc-clinicdb": mean, "cvc-colondb": mean - 0.05}, "best_val_meanDic": val,
+            "best_epoch": 10, "epochs_run": 14, "train_seconds": seconds, "machine": "test", "settings": []}
 
 
-def test_real_cpu_report_only_rebuilds_its_table_from_the_dvc_experiments(tmp_path):
-    """A copy of the script (it reads the experiments of, and writes its table into, the
-    repository it lies in) in a git + DVC repository of two experiments, `dvc exp run -n
-    real-cpu-{none,sgm}-seed0`, as the full run names them."""
-    (tmp_path / "benchmarks").mkdir()
+def test_real_cpu_plans_on_val_and_reports_paired_differences(tmp_path):
+    """real_cpu.py's logic on a results file of made-up students (a copy of the script reads the
+    real-cpu.json beside it): seeds 1 and 2 get each method's variant with the best val meanDic
+    on seed 0 (never the best test score), then the equal-time arm; the paired table's mean, std,
+    t and gap share follow from the numbers."""
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     shutil.copy(ROOT / "benchmarks" / "real_cpu.py", tmp_path / "benchmarks" / "real_cpu.py")
-    (tmp_path / "evaluate.py").write_text(FAKE_EVALUATE)
-    (tmp_path / "dvc.yaml").write_text(FAKE_DAG)
-    (tmp_path / "params.yaml").write_text("distill:\n  method: none\n  seed: 0\n")
-    env = {**tool_environ(), **{f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
-                                for what, value in (("NAME", "kdas"), ("EMAIL", "kdas@example.org"))}}
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
-                *([sys.executable, "-m", "dvc", "exp", "run", "-q", "-n", f"real-cpu-{method}-seed0", "-S", f"distill.method={method}",
-                   "-S", "distill.seed=0"] for method in ("none", "sgm"))):
-        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
-    out = _run("benchmarks/real_cpu.py", "--report-only", "--seeds", "0", cwd=tmp_path, env=env)
+    sys.path.insert(0, str(tmp_path / "benchmarks"))
+    try:
+        import real_cpu
+    finally:
+        sys.path.pop(0)
+    runs = {f"{name}-seed0": _bench_run(0.80, 0.85) for name in real_cpu.variants()}
+    runs["kd-w1-t4-seed0"] = _bench_run(0.70, 0.90, seconds=150.0)  # best on val, worse on test: it is the one chosen
+    teacher = {**_bench_run(0.90, 0.95, seconds=3600.0), "headroom": {"train": 0.97, "val": 0.95}}
+    results = {"runs": runs, "teacher": teacher}
+    todo = [name for name, _ in real_cpu.plan(results) if name not in runs]
+    assert "kd-w1-t4-seed1" in todo and "kd-w1-t1-seed1" not in todo and {"none-seed1", "none-seed2"} <= set(todo)
+    eq = dict(s.split("=") for s in dict(real_cpu.plan(results))["none-equal-time-seed0"])
+    assert eq["train.epochs"] == str(round(real_cpu.SCHEDULE["train.epochs"] * 1.5))  # the slowest chosen arm took 1.5x as long
+    for seed, kd in ((1, 0.83), (2, 0.84)):
+        runs[f"none-seed{seed}"] = _bench_run(0.80 + 0.01 * seed, 0.85)
+        runs[f"kd-w1-t4-seed{seed}"] = _bench_run(kd, 0.9)
+    real_cpu.save(results)
+    _run(str(tmp_path / "benchmarks" / "real_cpu.py"), "--report-only", cwd=tmp_path)
     table = (tmp_path / "benchmarks" / "results" / "real-cpu.md").read_text()
-    assert out.strip() == table.strip()
-    assert "| sgm | +0.0200 | +0.0200 | - | 1 |" in table  # the paired difference, sgm - none on seed 0
-    for name, dice in (("real-cpu-none-seed0", "0.5000"), ("real-cpu-sgm-seed0", "0.5200")):
-        assert f"| {name} | kvasir-seg | {dice} |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| kd-w1-t4 |") and "+" in line)
+    # diffs -0.10, +0.02, +0.02: mean -0.02, std 0.0693, t -0.50; gap share -0.02 / (0.90 - 0.81)
+    assert "-0.1000, +0.0200, +0.0200 | -0.0200 | 0.0693 | -0.50 |" in row and row.endswith("| -0.22 |")
+    assert "| EfficientNet-Lite2, published meanDic | 0.9700 | 0.9500 | 0.9000 |" in table
+
+
+def test_real_gpu_smoke_runs_its_three_arms_and_writes_its_table(tmp_path):
+    """The GPU script's own code on the CPU (tiny data and models): it cannot rot unseen."""
+    out = _run("benchmarks/real_gpu.py", str(tmp_path / "gpu"), "--smoke")
+    table = (tmp_path / "gpu" / "gpu.md").read_text()
+    assert out.strip() == table.strip() and all(f"| {arm} |" in table for arm in ("teacher", "student", "distilled"))
+    for arm in ("teacher", "student", "distilled"):
+        assert (tmp_path / "gpu" / arm / "best.pt").exists()
