@@ -151,5 +151,6 @@ def train_student(ctx: click.Context, teacher_ref: str, method: str | None, out:
 
     distill = params_of(ctx).distill
     distill = dataclasses.replace(distill, method=method or distill.method)
-    teacher = None if distill.method == "none" else resolve_model_file(teacher_ref)
+    methods.method_params(distill)  # a bad method or setting stops here, before the teacher is looked for
+    teacher = None if distill.method == methods.NONE else resolve_model_file(teacher_ref)
     run_training(ctx, "student", distill, out, teacher, **kw)

@@ -64,7 +64,7 @@ class TrainJob:
     out_dir: Path
     train: TrainParams
     distill: DistillParams | None  # None (or method "none"): the ground truth alone
-    teacher: Path | None = None    # model file of the frozen teacher (sgm, kdas)
+    teacher: Path | None = None    # model file of the frozen teacher (any method that distils)
     resume: bool = False
     device: str = "auto"
     max_steps: int | None = None   # per epoch; for smoke tests and benchmarks

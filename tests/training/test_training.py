@@ -236,7 +236,7 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(manifest, tmp_pat
     )
     assert out.returncode == 0, out.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert files == ["best.pt", "history.csv", "history.png", "last.ckpt", "metrics.json"]
+    assert files == ["best.pt", "history.csv", "history.png", "last.ckpt", "losses.csv", "metrics.json"]
     assert "train_loss" in (tmp_path / "ddp" / "history.csv").read_text()
     assert load_model(tmp_path / "ddp" / "best.pt").config["backbone"] == "test_convnext"
 
