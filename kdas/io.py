@@ -213,11 +213,114 @@ def to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask as HxW uint8 grey levels 0-255 (not yet binarised), whatever its stored scale:
-    0/1, 0/255 or 16-bit (see mask_levels)."""
-    im = open_image(path)
-    arr = np.asarray(im.convert("L")) if im.mode in ("1", "L", "P", "RGB", "RGBA", "LA") else np.asarray(im)
-    return mask_levels(arr if arr.ndim == 2 else arr[..., 0])
+    """A mask as HxW uint8 grey levels 0-255, foreground above 127 (binarise), decided from
+    what the file holds; the policy, where a choice had to be made, is:
+
+    - a palette mask whose entries in use are all grey is read as those grey levels; any
+      other palette mask is a label map: its black entries (index 0 where none is black)
+      are background, every other index foreground;
+    - otherwise the brightest colour channel counts (blue on black is a polyp; luminance
+      would make it level 29), or the alpha channel where only the alpha draws;
+    - a mask of exactly two values is binary whatever they are (0/1, 0/20, 0/100, 0/65535):
+      the higher is foreground; a mask of one value is empty at 0, all foreground above 127;
+    - a mask of more values (a JPEG, with noise near 0 and 255 and grey edges) keeps its
+      levels, on the scale its values call for (mask_levels), for callers to refuse a soft
+      one (nonbinary_fraction), and must hold its foreground near 255.
+
+    Two-valued and label-map masks come back 0/255. Where the policy cannot tell the
+    foreground (more values none near 255, one dark value, a palette with neither black
+    nor index 0), MaskReadError names the file, what it holds and the rule: never an empty
+    label from a mask that holds something."""
+    return mask_from_image(open_image(path), path)
+
+
+NEAR = 32  # levels within this of 0 or 255 are a binary mask's JPEG noise (nonbinary_fraction's margin)
+
+
+class MaskReadError(ImageReadError):
+    """A mask file decodes, but which of its pixels are foreground cannot be told (read_mask's policy)."""
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    if values.dtype == np.uint8:  # the common case, read once per sample in training: a histogram, no sort
+        return np.flatnonzero(np.bincount(values.ravel(), minlength=256)).astype(np.uint8)
+    return np.unique(values)
+
+
+def _shown(values: np.ndarray, limit: int = 6) -> str:
+    items = [f"{v:g}" if isinstance(v, float) else str(v) for v in values.tolist()]
+    return ", ".join(items) if len(items) <= limit else f"{items[0]}..{items[-1]} ({len(items)} values)"
+
+
+def _palette_mask(im: Image.Image, path: str | Path) -> np.ndarray:
+    """A palette image: its grey levels where every entry it uses is grey (the palette only
+    stores levels), else a label map: black entries (or index 0 where none is) background,
+    every other index foreground, as 0/255."""
+    arr = np.asarray(im)
+    idx = arr[..., 0] if arr.ndim == 3 else arr  # PA: index, alpha
+    palette = np.zeros((256, 3), np.uint8)
+    entries = np.asarray(im.getpalette("RGB") or [], np.uint8).reshape(-1, 3)[:256]
+    palette[: len(entries)] = entries
+    used = _distinct(idx)
+    colours = palette[used]
+    if (colours.min(axis=1) == colours.max(axis=1)).all():
+        return palette[idx, 0]
+    background = used[colours.max(axis=1) == 0]
+    if background.size == 0:
+        if 0 not in used:
+            found = ", ".join(f"{i}={tuple(int(c) for c in palette[i])}" for i in used[:6])
+            raise MaskReadError(f"{path}: palette mask with indices {found}{', ...' if used.size > 6 else ''}, none black and "
+                                "no index 0: cannot tell its background (kdas reads a palette mask's black entries, else index 0, "
+                                "as background); save it with background black or index 0")
+        background = np.array([0])
+    return np.where(np.isin(idx, background), 0, 255).astype(np.uint8)
+
+
+def _mask_values(im: Image.Image, path: str | Path) -> np.ndarray:
+    """The one HxW array of values a mask file holds, on its own scale: palette resolved,
+    colour channels merged by their maximum (blue on black is a polyp, which luminance would
+    make level 29), alpha used where the colour is uniform and only the alpha draws."""
+    if im.mode in ("P", "PA"):
+        return _palette_mask(im, path)
+    if im.mode == "1":
+        return np.asarray(im.convert("L"))
+    if im.mode not in ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        im = im.convert("RGBA" if "A" in im.getbands() or "a" in im.getbands() else "RGB")  # CMYK, YCbCr, La, RGBa...
+    arr = np.asarray(im)
+    if arr.ndim == 2:
+        return arr
+    colour = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
+    if im.mode in ("LA", "RGBA"):
+        alpha = arr[..., -1]
+        if colour.min() == colour.max() and alpha.min() != alpha.max():
+            return alpha
+    return colour
+
+
+def mask_from_image(im: Image.Image, path: str | Path) -> np.ndarray:
+    """read_mask's decision on a decoded image; `path` names it in a refusal."""
+    values = _mask_values(im, path)
+    distinct = _distinct(values)
+    if distinct.size == 2:  # binary whatever the two levels (0/1, 0/20, 0/100, 0/65535): the higher is foreground
+        if values.dtype == np.uint8 and distinct.tolist() == [0, 255]:
+            return values  # canonical already (data/raw), as training reads it
+        return np.where(values == distinct[1], 255, 0).astype(np.uint8)
+    levels = mask_levels(values)
+    if distinct.size < 2:
+        if levels.size and 0 < int(levels.flat[0]) <= 127:
+            raise MaskReadError(f"{path}: one value ({_shown(distinct)}) in every pixel: cannot tell a dark foreground "
+                                "covering the frame from a background (kdas reads a one-valued mask as empty at 0, all foreground "
+                                "above 127); save it with background 0 and foreground 255")
+        return levels
+    top = int(levels.max())
+    if top < 255 - NEAR:
+        above = float(np.mean(levels > 127))
+        scale = "" if values.dtype == np.uint8 else f", {int(levels.min())}..{top} of 255"
+        raise MaskReadError(f"{path}: mask values {_shown(distinct)}{scale}, none near 255 (above {254 - NEAR}), "
+                            f"{'no pixel' if not above else f'{above:.1%} of pixels'} above 127: its foreground is dark or faint "
+                            "(kdas reads a mask of more than two values, e.g. a JPEG, as foreground above 127 with it near 255; "
+                            "one of exactly two values as binary); save the mask with foreground 255, or losslessly with two values")
+    return levels
 
 
 def mask_levels(mask: np.ndarray) -> np.ndarray:
@@ -235,7 +338,8 @@ def mask_levels(mask: np.ndarray) -> np.ndarray:
 
 
 def binarise(mask: np.ndarray) -> np.ndarray:
-    """The foreground of a grey-level mask: > 127 (JPEG masks hold grey edges)."""
+    """The foreground of read_mask's grey levels: > 127 (JPEG masks hold grey edges; read_mask
+    has already made a two-valued, palette or colour mask 0/255, or refused it)."""
     return mask > 127
 
 

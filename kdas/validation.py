@@ -81,7 +81,8 @@ def _suite(params: ValidationParams):
     size = lambda r: f"image {r['width']}x{r['height']}, mask {r['mask_width']}x{r['mask_height']}"  # noqa: E731
     return [
         (E.ExpectColumnValuesToBeInSet(column="error", value_set=[""]), "decodable", "error",
-         "every image and mask decodes and has its partner", lambda r: r["error"]),
+         "every image and mask decodes (a mask's foreground can be told: kdas.io.read_mask) and has its partner",
+         lambda r: r["error"]),
         (E.ExpectCompoundColumnsToBeUnique(column_list=["dataset", "id"]), "unique_ids", "error",
          "ids are unique within a dataset", lambda r: f"id {r['id']} appears more than once in {r['dataset']}"),
         (E.ExpectColumnPairValuesToBeEqual(column_A="width", column_B="mask_width", ignore_row_if="either_value_is_missing"),

@@ -1,6 +1,7 @@
 """kdas.io: temporaries of killed writers are swept by the next writer; written files get the
 process's normal permissions; kdas never replaces a folder it did not make; a lock per output
-folder names its holder and dies with it."""
+folder names its holder and dies with it; a mask's foreground is decided from what its file
+holds, or the file is refused, named: never an empty label from a mask that holds something."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import MAX_NONBINARY, ROOT, make_dataset
 from kdas.data.importer import import_dataset
-from kdas.io import FolderBusyError, atomic_dir, atomic_path, folder_lock, write_text
+from kdas.data.manifest import describe_pair
+from kdas.io import FolderBusyError, MaskReadError, atomic_dir, atomic_path, binarise, folder_lock, nonbinary_fraction, read_mask, write_text
 
 # a writer that dies (SIGKILL) half-way: what it leaves is what a killed import or save leaves
 WRITER = textwrap.dedent("""\
@@ -156,3 +160,103 @@ def test_a_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait(30)
     with folder_lock(tmp_path / "out", "the next writer"):
         assert (tmp_path / "out" / ".kdas.lock").read_text() == f"pid {os.getpid()} (the next writer)\n"
+
+
+# --------------------------------------------------------------------------- a mask's foreground, from what its file holds
+
+POLYP = np.zeros((24, 32), bool)
+POLYP[6:14, 8:20] = True  # 96 of 768 pixels
+
+
+def saved(tmp_path, name: str, pixels: np.ndarray, mode: str | None = None, palette: list[int] | None = None, **options):
+    im = Image.fromarray(pixels, mode) if mode else Image.fromarray(pixels)
+    if palette is not None:
+        im.putpalette(palette)
+    im.save(tmp_path / name, **options)
+    return tmp_path / name
+
+
+def coloured(colour, background=(0, 0, 0)) -> np.ndarray:
+    rgb = np.empty((*POLYP.shape, 3), np.uint8)
+    rgb[...] = background
+    rgb[POLYP] = colour
+    return rgb
+
+
+def rgba_alpha_only() -> np.ndarray:
+    rgba = np.zeros((*POLYP.shape, 4), np.uint8)
+    rgba[..., 3] = POLYP * 255  # black everywhere; only the alpha draws the polyp
+    return rgba
+
+
+# file, how it is saved: each is read as POLYP exactly
+AS_POLYP = {
+    "blue on black": lambda: coloured((0, 0, 255)),
+    "dark red on black": lambda: coloured((128, 0, 0)),
+    "grey 0/2": lambda: POLYP.astype(np.uint8) * 2,
+    "grey 0/20": lambda: POLYP.astype(np.uint8) * 20,
+    "grey 0/100": lambda: POLYP.astype(np.uint8) * 100,
+    "grey 200/255": lambda: np.where(POLYP, 255, 200).astype(np.uint8),
+    "0/1": lambda: POLYP.astype(np.uint8),
+    "16-bit 0/300": lambda: POLYP.astype(np.uint16) * 300,
+    "16-bit 0/65535": lambda: POLYP.astype(np.uint16) * 65535,
+    "alpha only": rgba_alpha_only,
+}
+
+
+@pytest.mark.parametrize("how", list(AS_POLYP))
+def test_a_two_valued_or_coloured_mask_is_its_polyp(tmp_path, how):
+    mask = read_mask(saved(tmp_path, "m.png", AS_POLYP[how]()))
+    assert np.array_equal(binarise(mask), POLYP) and set(np.unique(mask)) == {0, 255} and nonbinary_fraction(mask) == 0
+
+
+VOC = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759  # index 0 black, 1 dark red, 2 dark green
+
+
+def test_a_colour_palette_mask_is_a_label_map_black_or_index_0_background(tmp_path):
+    labels = POLYP.astype(np.uint8)
+    labels[6:8, 8:20] = 2  # a second label: foreground too
+    assert np.array_equal(binarise(read_mask(saved(tmp_path, "voc.png", labels, "P", VOC))), POLYP)
+    no_black = [0, 255, 0, 255, 0, 0] + [0] * 762  # index 0 green, 1 red: no black entry, so index 0 is background
+    assert np.array_equal(binarise(read_mask(saved(tmp_path, "green.png", POLYP.astype(np.uint8), "P", no_black))), POLYP)
+    with pytest.raises(MaskReadError, match=r"^\S*odd.png: palette mask with indices 1=\(255, 0, 0\), 2=\(0, 255, 0\), none black "
+                                            r"and no index 0: cannot tell its background .*save it with background black or index 0$"):
+        read_mask(saved(tmp_path, "odd.png", POLYP.astype(np.uint8) + 1, "P", [0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759))
+
+
+def test_a_grey_palette_is_read_as_its_levels_so_a_soft_one_stays_soft(tmp_path):
+    ramp = np.tile(np.arange(32, dtype=np.uint8), (24, 1))
+    grey = [min(i * 8, 255) for i in range(256) for _ in range(3)]
+    mask = read_mask(saved(tmp_path, "ramp.png", ramp, "P", grey))
+    assert np.array_equal(mask, np.minimum(ramp.astype(int) * 8, 255)) and nonbinary_fraction(mask) > MAX_NONBINARY
+
+
+@pytest.mark.parametrize("how,pixels,found", [
+    ("jpeg 0/20", POLYP.astype(np.uint8) * 20, r"mask values 0\S* .*, none near 255 \(above 222\), no pixel above 127"),
+    ("three dark labels", POLYP.astype(np.uint8) + np.eye(24, 32, dtype=np.uint8), r"mask values 0, 1, 2, none near 255"),
+    ("16-bit faint ramp", np.tile(np.linspace(0, 1000, 32).astype(np.uint16), (24, 1)), r"mask values 0\.\.1000 \(32 values\), 0\.\.4 of 255"),
+    ("one dark value", np.full((24, 32), 20, np.uint8), r"one value \(20\) in every pixel: cannot tell"),
+])
+def test_a_mask_whose_foreground_cannot_be_told_is_refused_in_one_line_naming_it(tmp_path, how, pixels, found):
+    path = saved(tmp_path, "m.jpg" if how.startswith("jpeg") else "m.png", pixels, **({"quality": 90} if how.startswith("jpeg") else {}))
+    with pytest.raises(MaskReadError, match=rf"^{tmp_path}/m\.(jpg|png): {found}") as err:
+        read_mask(path)
+    assert "\n" not in str(err.value) and "kdas reads" in str(err.value) and "save it" in str(err.value).replace("save the mask", "save it")
+
+
+def test_a_jpeg_mask_keeps_its_levels_and_todays_threshold(tmp_path):
+    mask = read_mask(saved(tmp_path, "m.jpg", POLYP.astype(np.uint8) * 255, quality=75))
+    assert len(np.unique(mask)) > 2 and mask.max() >= 223  # JPEG noise kept, for nonbinary_fraction to judge
+    assert np.array_equal(binarise(mask), np.asarray(Image.open(tmp_path / "m.jpg")) > 127)
+    assert not read_mask(saved(tmp_path, "empty.png", np.zeros((24, 32), np.uint8))).any()  # empty is empty: no error
+    assert binarise(read_mask(saved(tmp_path, "full.png", np.full((24, 32), 255, np.uint8)))).all()
+
+
+def test_the_manifest_reads_masks_alike_so_validate_sees_the_polyp_or_the_refusal(tmp_path):
+    """A mask put in data/raw by hand, not imported: `kdas validate` gets its polyp (not an
+    `empty_mask` warning) or a `decodable` error naming it."""
+    image = saved(tmp_path, "img.png", np.zeros((*POLYP.shape, 3), np.uint8))
+    row = describe_pair(str(image), str(saved(tmp_path, "blue.png", coloured((0, 0, 255)))))
+    assert row["error"] == "" and row["foreground_fraction"] == pytest.approx(POLYP.mean())
+    row = describe_pair(str(image), str(saved(tmp_path, "dark.jpg", POLYP.astype(np.uint8) * 20, quality=90)))
+    assert "dark.jpg: mask values" in row["error"] and "foreground is dark" in row["error"]

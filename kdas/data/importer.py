@@ -3,7 +3,7 @@
 Canonical layout, the only one the rest of kdas reads:
 
     data/raw/<name>/images/<id>.<jpg|png>   images, bytes as released (TIFF/BMP become PNG)
-    data/raw/<name>/masks/<id>.png          masks, 0/255
+    data/raw/<name>/masks/<id>.png          masks, 0/255 (foreground as kdas.io.read_mask decides it)
 
 Recognised releases (searched anywhere below SRC): any `images|image` + `masks|mask`
 pair (Kvasir-SEG, CVC-ColonDB, PraNet trees, plain folders) and `Original` +
@@ -184,7 +184,9 @@ def _convert_image(src: Path, dst_dir: Path) -> tuple[int, int]:
 
 
 def _convert_mask(src: Path, dst_dir: Path, max_nonbinary: float) -> tuple[int, int]:
-    """Write the mask as 0/255 PNG, whatever its scale (read_mask); refuse a soft one. Returns (width, height)."""
+    """Write the mask as 0/255 PNG, its foreground decided by read_mask's policy
+    (palette labels, any colour channel, two values, 0/1 or 16-bit scales), which refuses a mask
+    whose foreground it cannot tell (a dark one); refuse a soft one. Returns (width, height)."""
     grey = read_mask(src)
     nonbinary = nonbinary_fraction(grey)
     if nonbinary > max_nonbinary:
@@ -192,13 +194,17 @@ def _convert_mask(src: Path, dst_dir: Path, max_nonbinary: float) -> tuple[int, 
             f"{src}: not a binary mask ({nonbinary:.1%} of pixels are neither near 0 nor near 255; "
             f"at most {max_nonbinary:.0%} allowed, e.g. JPEG edges)"
         )
-    Image.fromarray(binarise(grey).astype(np.uint8) * 255).save(dst_dir / f"{src.stem}.png")
+    foreground = binarise(grey)
+    if not foreground.any() and grey.any():  # read_mask's policy leaves no such mask; never write one regardless
+        raise ImportError_(f"{src}: mask values up to {int(grey.max())} of 255 but none above 127: an empty label from a "
+                           "non-empty mask; save the mask with foreground 255")
+    Image.fromarray(foreground.astype(np.uint8) * 255).save(dst_dir / f"{src.stem}.png")
     return grey.shape[1], grey.shape[0]
 
 
 def _convert_all(found: FoundDataset, out: Path, *, max_nonbinary: float, workers: int) -> list[str]:
     """Convert every pair of `found` into `out`; returns every problem met (unpaired,
-    duplicate, undecodable files, soft masks), so that a release is judged in one pass."""
+    duplicate, undecodable files, soft masks, masks whose foreground cannot be told), so that a release is judged in one pass."""
     (images, image_dups), (masks, mask_dups) = _listing(found.images), _listing(found.masks)
     problems = image_dups + mask_dups
     problems += [f"{images[k]}: image without mask" for k in sorted(set(images) - set(masks))]

@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from helpers import MAX_NONBINARY, kdas_cli, left_in, make_dataset, png_declaring, tool_environ, write_pair
+from helpers import DATASETS, MAX_NONBINARY, kdas_cli, left_in, make_dataset, png_declaring, tool_environ, write_pair
 from kdas.data.importer import ImportError_, import_dataset, safe_extract
 from kdas.data.manifest import describe_pair
 from kdas.io import read_mask, read_rgb
@@ -442,3 +442,150 @@ def test_an_alias_name_imports_under_the_catalogue_name_and_gets_its_published_s
     [out] = import_dataset(make_dataset(tmp_path / "ds", n=2), tmp_path / "raw", name="kvasir", track=False,
                            max_nonbinary=MAX_NONBINARY)
     assert out == tmp_path / "raw" / "kvasir-seg"
+
+
+# --------------------------------------------------------------------------- coloured, dark and palette masks (real shapes)
+
+KVASIR = DATASETS / "kvasir-seg" / "Kvasir-SEG"
+# three real polyps: large (28% of the frame), medium (11%), small (7%)
+KVASIR_MASKS = ("cju0qkwl35piu0993l0dewei2", "cju0roawvklrq0799vmjorwfv", "cju0rx1idathl0835detmsp84")
+needs_kvasir = pytest.mark.skipif(not all((KVASIR / "masks" / f"{s}.jpg").is_file() for s in KVASIR_MASKS),
+                                  reason=f"{KVASIR} not present")
+
+
+def voc_palette() -> list[int]:
+    """PASCAL VOC's label colours (index 1 is dark red, (128, 0, 0); 2 dark green, ...)."""
+    palette = []
+    for i in range(256):
+        rgb = [0, 0, 0]
+        for k in range(3):  # bit 3k + c of the index is bit 7 - k of channel c
+            for c in range(3):
+                rgb[c] |= ((i >> (3 * k + c)) & 1) << (7 - k)
+        palette += rgb
+    return palette
+
+
+def kvasir_polyps(width: int = 160) -> dict[str, np.ndarray]:
+    """The real masks, binarised as released (> 127), shrunk to `width` px (nearest): small files, real shapes."""
+    out = {}
+    for stem in KVASIR_MASKS:
+        fg = Image.fromarray((np.asarray(Image.open(KVASIR / "masks" / f"{stem}.jpg").convert("L")) > 127).astype(np.uint8) * 255)
+        out[stem] = np.asarray(fg.resize((width, round(fg.height * width / fg.width)), Image.NEAREST)) > 127
+    return out
+
+
+def small(fg: np.ndarray) -> np.ndarray:
+    """The polyp shrunk to a third, in a frame of the same size: under 5% of its pixels."""
+    h, w = fg.shape
+    shrunk = np.asarray(Image.fromarray(fg.astype(np.uint8) * 255).resize((w // 3, h // 3), Image.NEAREST)) > 127
+    out = np.zeros_like(fg)
+    out[h // 3 : h // 3 + shrunk.shape[0], w // 3 : w // 3 + shrunk.shape[1]] = shrunk
+    return out
+
+
+def encoded(fg: np.ndarray, how: str) -> tuple[Image.Image, dict]:
+    """The foreground as another tool saves masks: (image, save options); '-small' is for the caller."""
+    fg8, how = fg.astype(np.uint8), how.removesuffix("-small")
+    if how == "blue-rgb":
+        rgb = np.zeros((*fg.shape, 3), np.uint8)
+        rgb[fg] = (0, 0, 255)
+        return Image.fromarray(rgb), {}
+    if how == "dark-red-rgb":
+        rgb = np.zeros((*fg.shape, 3), np.uint8)
+        rgb[fg] = (128, 0, 0)
+        return Image.fromarray(rgb), {"quality": 90}
+    if how == "voc-palette":
+        im = Image.fromarray(fg8, "P")
+        im.putpalette(voc_palette())
+        return im, {}
+    level = {"grey-0-2": 2, "grey-0-20": 20, "grey-0-100": 100, "grey-0-20-jpeg": 20}[how]
+    return Image.fromarray(fg8 * level), {"quality": 90} if how.endswith("jpeg") else {}
+
+
+# (encoding, file extension, what kdas does with it: the real foreground, or a refusal naming the file). Before
+# kdas decided masks this way, each was written as an empty label (a small one passing the 5% soft-mask limit), or
+# refused as soft (voc-palette: its dark red read as grey level 38).
+ENCODINGS = [("blue-rgb", ".png", "imported"), ("grey-0-2", ".png", "imported"), ("grey-0-20", ".png", "imported"),
+             ("grey-0-100-small", ".png", "imported"), ("voc-palette", ".png", "imported"), ("voc-palette-small", ".png", "imported"),
+             ("grey-0-20-jpeg", ".jpg", "refused"), ("dark-red-rgb-small", ".jpg", "refused")]
+
+
+def write_encoded(src, polyps: dict[str, np.ndarray], how: str, ext: str, prefix: str = "") -> dict[str, np.ndarray]:
+    """A dataset of the real polyps saved as `how`; returns the foreground each file shows, by id."""
+    expected = {}
+    for i, (stem, fg) in enumerate(polyps.items()):
+        stem, fg = prefix + stem, small(fg) if how.endswith("small") else fg
+        (src / "images").mkdir(parents=True, exist_ok=True)
+        (src / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (*fg.shape, 3), dtype=np.uint8)).save(src / "images" / f"{stem}.png")
+        im, options = encoded(fg, how)
+        im.save(src / "masks" / f"{stem}{ext}", **options)
+        expected[stem] = fg
+    return expected
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+@needs_kvasir
+@pytest.mark.parametrize("how,ext,outcome", ENCODINGS, ids=[e[0] for e in ENCODINGS])
+def test_a_coloured_dark_or_palette_mask_imports_as_its_polyp_or_is_refused_never_empty(tmp_path, how, ext, outcome):
+    polyps = kvasir_polyps()
+    expected = write_encoded(tmp_path / "ds", polyps, how, ext)
+    if how.endswith("small"):
+        assert all(0 < fg.mean() < 0.05 for fg in expected.values())  # under max_nonbinary_fraction: the contract's check passed it
+    if outcome == "imported":
+        [out] = import_dataset(tmp_path / "ds", tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+        for stem, fg in expected.items():
+            stored = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+            assert set(np.unique(stored)) == {0, 255}
+            assert iou(stored > 127, fg) > 0.99, (how, stem)
+            assert describe_pair(str(out / "images" / f"{stem}.png"), str(out / "masks" / f"{stem}.png"))["foreground_fraction"] > 0
+    else:
+        with pytest.raises(ImportError_) as err:
+            import_dataset(tmp_path / "ds", tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+        problems = str(err.value).splitlines()[1:]
+        assert len(problems) == len(expected)  # one line per file, each naming it and what it holds
+        for line, stem in zip(sorted(problems), sorted(expected)):
+            assert f"masks/{stem}{ext}: mask values " in line and "none near 255" in line and "foreground is dark" in line
+            assert "save the mask with foreground 255" in line
+        assert left_in(tmp_path / "raw") == []
+
+
+@needs_kvasir
+def test_the_release_masks_themselves_import_as_before(tmp_path):
+    """Kvasir-SEG's own JPEG masks (noise near 0 and 255, soft edges): foreground > 127, as released."""
+    src = tmp_path / "Kvasir-SEG"
+    for stem in KVASIR_MASKS[1:]:
+        write_pair(src / "images", tmp_path / "unused", stem, size=Image.open(KVASIR / "masks" / f"{stem}.jpg").size)
+        (src / "masks").mkdir(exist_ok=True)
+        (src / "masks" / f"{stem}.jpg").write_bytes((KVASIR / "masks" / f"{stem}.jpg").read_bytes())
+    [out] = import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    for stem in KVASIR_MASKS[1:]:
+        released = np.asarray(Image.open(KVASIR / "masks" / f"{stem}.jpg").convert("L")) > 127
+        assert np.array_equal(np.asarray(Image.open(out / "masks" / f"{stem}.png")) > 127, released)
+
+
+@needs_kvasir
+def test_cli_import_of_coloured_and_dark_masks(workdir):
+    """`kdas data import` end to end: each encoding's polyp lands in data/raw, exit 0; a dark
+    JPEG mask is refused, exit 1, the file named, nothing written."""
+    polyps = kvasir_polyps(width=128)
+    src = workdir / "mixed"
+    expected = {}
+    for how, ext, outcome in ENCODINGS:
+        if outcome == "imported":
+            expected |= write_encoded(src, polyps, how, ext, prefix=f"{how}-")
+    code, output = kdas_cli("data", "import", str(src), "--raw", "data/raw", "--no-dvc")
+    assert code == 0, output
+    assert f"data/raw/mixed: {len(expected)} image/mask pairs" in output
+    for stem, fg in expected.items():
+        assert iou(np.asarray(Image.open(workdir / "data" / "raw" / "mixed" / "masks" / f"{stem}.png")) > 127, fg) > 0.99, stem
+
+    dark = write_encoded(workdir / "dark", dict(list(polyps.items())[:1]), "grey-0-20-jpeg", ".jpg")
+    code, output = kdas_cli("data", "import", str(workdir / "dark"), "--raw", "data/raw", "--no-dvc")
+    [stem] = dark
+    assert code == 1 and "1 problem(s), nothing imported" in output
+    assert f"dark/masks/{stem}.jpg: mask values " in output and "foreground is dark" in output
+    assert not (workdir / "data" / "raw" / "dark").exists()
