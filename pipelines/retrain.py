@@ -54,7 +54,7 @@ from kdas.config import Params, load_params, profile_updates, set_params  # noqa
 from kdas.io import exclusive  # noqa: E402
 from kdas.provenance import dvc_hashes  # noqa: E402
 from kdas.tracking.references import resolve_model_file  # noqa: E402
-from kdas.tracking.registry import CHAMPION, champion_metrics  # noqa: E402
+from kdas.tracking.registry import CHAMPION, RegistryError, champion_metrics, check_registered  # noqa: E402
 from kdas.tracking.runs import pipeline_run  # noqa: E402
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
@@ -219,7 +219,27 @@ def retried(registry_call: Task, params: Params) -> Task:
 
 @task(name="register", task_run_name="register@{role}", cache_policy=NO_CACHE)
 def register(role: str, workspace: Path) -> bool:
-    return run_stage.fn(f"register@{role}", workspace)
+    """The register stage; registered again where DVC finds it up to date but the tracking
+    store does not hold this workspace's model under the version it recorded (a workspace run
+    against another store: its record names another model's number there)."""
+    ran = run_stage.fn(f"register@{role}", workspace)
+    if not ran and (why := not_registered_here(role, workspace)):
+        get_run_logger().warning("register@%s is up to date in DVC, but %s: registering again", role, why)
+        _run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", f"register@{role}"], workspace)
+        return True
+    return ran
+
+
+def not_registered_here(role: str, workspace: Path) -> str | None:
+    """Why this workspace's register record does not name its model in this store (None: it does)."""
+    record = json.loads((workspace / "reports" / "register" / f"{role}.json").read_text())
+    if "sha256" not in record:
+        return "its record was written by an older kdas"
+    try:
+        check_registered(record["name"], str(record["version"]), record["sha256"], record.get("run_id"))
+    except RegistryError as exc:
+        return str(exc)
+    return None
 
 
 def registered_version(role: str, workspace: Path) -> str:

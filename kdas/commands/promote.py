@@ -45,18 +45,41 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
         return result["datasets"]["mean"], result["data"]
 
     name = registry_name(ctx, role)
+    registered = REPORTS / "register" / f"{role}.json"
+    record = json.loads(registered.read_text()) if registered.exists() else {}
     if version is None:
-        registered = REPORTS / "register" / f"{role}.json"
-        record = json.loads(registered.read_text()) if registered.exists() else {}
         if record.get("name") != name:
             raise click.ClickException(f"{registered}: no version of {name} registered here; run `kdas register --role {role}` "
                                        "first, or pass --version")
         version = str(record["version"])
+    if record.get("name") == name and str(record.get("version")) == version:
+        _check_own(registered, record, role)
     decision = registry.promote(name, params.register.gate, evaluate_champion, version=version)
     out = out or REPORTS / "promotion" / f"{role}.json"
     write_text(out, json.dumps(asdict(decision), indent=2))
     verdict = "promoted" if decision.promoted else "not promoted"
     click.echo(f"{name} version {decision.challenger}: {verdict}: {decision.reason}")
+
+
+def _check_own(registered: Path, record: dict, role: str) -> None:
+    """The version this workspace recorded is its model, in this store: its model file is the
+    one it registered, and the store's version of that number is that file (another
+    workspace's store may hold another model under the same number). Otherwise nothing moves:
+    the promotion policy is to promote only what this workspace registered where it registered it."""
+    from kdas.io import file_sha256
+    from kdas.tracking.registry import RegistryError, check_registered
+
+    again = f"run `kdas register --role {role}` (or `dvc repro --force --single-item register@{role}`), then promote"
+    if "sha256" not in record:
+        raise click.ClickException(f"{registered}: written by an older kdas, with no model digest to check; {again}")
+    model_file = Path(record["model_file"])
+    if model_file.exists() and file_sha256(model_file) != record["sha256"]:
+        raise click.ClickException(f"{registered}: {model_file} is not the model this record registered (it changed since, or its "
+                                   f"registration failed); {again}")
+    try:
+        check_registered(record["name"], str(record["version"]), record["sha256"], record.get("run_id"))
+    except RegistryError as exc:
+        raise click.ClickException(f"{registered}: {exc}; {again}") from None
 
 
 @click.command()

@@ -23,8 +23,9 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     The version is logged in the model's training run and carries its data, commit, params
     and metrics; registering the same model file again adds no version.
     """
-    from kdas.io import write_text
+    from kdas.io import file_sha256, write_text
     from kdas.tracking.registry import register_model
+    from kdas.tracking.store import masked, tracking_uri
 
     params = params_of(ctx)
     model_file = model_file or Path("models") / role / "best.pt"
@@ -37,6 +38,9 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     version = register_model(model_file, name, tests, evaluation_data=evaluation["data"], teacher_name=params.register.teacher_name,
                              serving_config=serving_limits(params.serve, params.validation.max_size), onnx=params.register.onnx)
     out = out or REPORTS / "register" / f"{role}.json"
-    write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri}, indent=2))
+    # what `kdas promote` checks the store's version against: a number alone names no model
+    write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri,
+                                "model_file": str(model_file), "sha256": file_sha256(model_file), "tracking_uri": masked(tracking_uri())},
+                               indent=2))
     again = " (this model file was registered before: no new version)" if version.existed else ""
     click.echo(f"registered {version.model_uri}{again} (alias challenger); promote it with `kdas promote --role {role}`")

@@ -17,7 +17,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
-from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, local_store, tracking_uri
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, local_store, masked, tracking_uri
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # scheme:/... (a 2+ letter scheme: no C:\ drive)
 
@@ -64,7 +64,7 @@ def resolve_model_file(ref: str | Path, cache_dir: str | Path | None = None) -> 
         base = ModelsArtifactRepository.get_underlying_uri(uri) if uri.startswith("models:/") else uri
         spec = yaml.safe_load(mlflow.artifacts.load_text(f"{base}/MLmodel"))
     except MlflowException as exc:
-        raise FileNotFoundError(f"{uri}: no such MLflow model in {tracking_uri()} ({exc.message})") from None
+        raise FileNotFoundError(f"{uri}: no such MLflow model in {masked(tracking_uri())} ({exc.message})") from None
     except yaml.YAMLError as exc:
         raise FileNotFoundError(f"{uri}: not an MLflow model (unreadable MLmodel: {exc})") from None
     relative = _model_file_path(spec)

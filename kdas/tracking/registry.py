@@ -31,7 +31,7 @@ from kdas.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence,
 from kdas.provenance import flatten, git_tags, lineage_tags
 from kdas.tracking.runs import log_metrics, model_run
 from kdas.tracking.served import log_segmenter
-from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, project_dir
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, masked, project_dir, tracking_uri
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
@@ -237,6 +237,22 @@ def _number(raw: str | None) -> float | None:
     except ValueError:
         return None
     return score if score is not None and math.isfinite(score) else None
+
+
+def check_registered(name: str, version: str, sha256: str, run_id: str | None = None) -> None:
+    """That `version` of `name` in this tracking store is the model file of digest `sha256`
+    (and was logged by `run_id`): a version number alone says nothing about which model it
+    is (another workspace may have registered version 1 of the same name in this store).
+    A RegistryError of one line otherwise."""
+    client = get_client()
+    try:
+        found = client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"'{name}' has no version {version} in {masked(tracking_uri())}") from None
+    theirs = found.tags.get(SHA_TAG, "")
+    if theirs != sha256 or (run_id and found.run_id != run_id):
+        raise RegistryError(f"{name} version {version} in {masked(tracking_uri())} is another model (digest {theirs[:12] or 'none'}, "
+                            f"run {found.run_id}) than the one this workspace registered (digest {sha256[:12]}, run {run_id})")
 
 
 def _evidence(client: MlflowClient, name: str, version: str, metric: str, data: str | None = None) -> Evidence:

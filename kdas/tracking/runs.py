@@ -19,7 +19,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 
 from kdas.provenance import flatten, git_tags, lineage_tags, system_tags
-from kdas.tracking.store import check_reachable, ensure_experiment, get_client, project_dir, tracking_uri
+from kdas.tracking.store import check_reachable, ensure_experiment, get_client, masked, project_dir, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _run(name: str, params: Mapping[str, Any] | None, kind: str) -> Iterator[Any
     try:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     except MlflowException as exc:  # the stage's work is done and written: a lost status must not undo it
-        log.warning("MLflow run %s could not be marked FINISHED (%s); it shows RUNNING in %s", run.info.run_id, _short(exc), tracking_uri())
+        log.warning("MLflow run %s could not be marked FINISHED (%s); it shows RUNNING in %s", run.info.run_id, _short(exc), masked(tracking_uri()))
 
 
 def _require_run() -> None:

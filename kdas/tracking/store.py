@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,6 +31,11 @@ def tracking_uri() -> str:
     if uri:
         return uri
     return f"sqlite:///{local_store().resolve()}"
+
+
+def masked(uri: str) -> str:
+    """`uri` fit to print: a password in it (postgresql://user:secret@host/db) shown as ***."""
+    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
 
 
 def local_store() -> Path | None:
@@ -74,8 +80,8 @@ def store_error(exc: BaseException) -> str | None:
     if not isinstance(exc, MlflowException) and not module.startswith("sqlalchemy."):
         return None
     if "mlflow-artifacts" in text:  # the server proxies artifacts: the store behind it failed
-        return (f"the MLflow server {tracking_uri()} could not store artifacts (is its artifact store up?): {text}")
-    return f"the MLflow tracking store {tracking_uri()} failed: {text}"
+        return (f"the MLflow server {masked(tracking_uri())} could not store artifacts (is its artifact store up?): {text}")
+    return f"the MLflow tracking store {masked(tracking_uri())} failed: {text}"
 
 
 def ensure_experiment(client: MlflowClient | None = None) -> str:

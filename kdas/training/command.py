@@ -80,7 +80,7 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
     from kdas.models import resolve_backbone
     from kdas.models.registry import check_weights
     from kdas.tracking.runs import TrainingLog, bound_http_waits, stage_run
-    from kdas.tracking.store import tracking_uri
+    from kdas.tracking.store import masked, tracking_uri
     from kdas.training import TrainJob, train as run_train
 
     params = params_of(ctx)
@@ -121,7 +121,7 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
     click.echo(f"{role} ({spec.arch} on {spec.backbone}, method {job.method}): best val meanDic {result.best_val_dice:.4f} at epoch {result.best_epoch}/{result.epochs_run}")
     click.echo(f"  model:   {result.best_path}\n  metrics: {out / 'metrics.json'}, per epoch: {out / 'history.csv'} "
                f"(picture: {out / 'history.png'})")
-    click.echo(f"  MLflow:  run {run.info.run_id} in {tracking_uri()}")
+    click.echo(f"  MLflow:  run {run.info.run_id} in {masked(tracking_uri())}")
     if missing := epochs.unlogged():
         click.secho(f"warning: {missing}", fg="yellow", err=True)
 

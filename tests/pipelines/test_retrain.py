@@ -196,3 +196,40 @@ def test_broken_data_contract_stops_before_training_and_leaves_the_registry(proj
     assert any(f["rule"] == "mask_size" and f["file"].endswith("img03.png") for f in report["findings"])
     assert (registry_state("kdas-student"), registry_state("kdas-teacher")) == registry_before
     assert (project / "models" / "teacher" / "best.pt").read_bytes() == teacher_before
+
+
+def test_against_another_store_the_flow_promotes_this_workspaces_model_never_that_stores_number(project, first_run, tmp_path, monkeypatch,
+                                                                                                  mlflow_template_db):
+    """A version number names no model: store S already holds other models as kdas-teacher and
+    kdas-student version 1, the numbers this workspace's records (from its own store) name. Run
+    against S with every stage up to date in DVC, `kdas promote` refuses in one line, and the
+    flow registers this workspace's models again and promotes those, never S's version 1."""
+    from kdas.checkpoint import save_model
+    from kdas.io import file_sha256
+    from kdas.models import create_model
+    from kdas.tracking.registry import register_model
+    from pipelines.retrain import retrain
+
+    from helpers import SERVE, kdas_cli
+
+    store = tmp_path / "other-store.db"
+    shutil.copy(mlflow_template_db, store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    recorded = {role: int(json.loads((project / "reports" / "register" / f"{role}.json").read_text())["version"]) for role in ("teacher", "student")}
+    for role, n in recorded.items():  # another workspace's models in S, up to the numbers this workspace recorded
+        for k in range(n):
+            other = save_model(tmp_path / f"{role}-{k}.pt", create_model("polyp_pvt_tiny"), image_size=64, info={"role": role})
+            register_model(other, f"kdas-{role}", {"synth": {"meanDic": 0.1}}, evaluation_data="synth@000000000000", serving_config=SERVE,
+                           onnx=False)
+    code, out = kdas_cli("promote", "--role", "student")
+    assert code == 1 and "is another model" in out and "kdas register --role student" in out and "Traceback" not in out
+    assert "champion" not in registry_state("kdas-student")[1]
+
+    result = retrain(workspace=str(project))
+    for role, n in recorded.items():
+        decision = result["decisions"][role]
+        assert decision["challenger"] == str(n + 1) and decision["promoted"], decision
+        from mlflow.tracking import MlflowClient
+
+        tags = MlflowClient().get_model_version(f"kdas-{role}", str(n + 1)).tags
+        assert tags["kdas.model_sha256"] == file_sha256(project / "models" / role / "best.pt")
