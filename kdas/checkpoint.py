@@ -10,6 +10,7 @@ code runs on load.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,11 @@ def build_from_config(config: dict[str, Any], state: dict[str, Any], where: Path
     and only timm's own backbone names are taken (an ``hf-hub:`` name would contact the hub)."""
     if not isinstance(config["backbone"], str) or not timm.is_model(config["backbone"]):
         raise ValueError(f"{where}: backbone {config['backbone']!r} is not one of timm's model names")
+    mean, std = config["mean"], config["std"]
+    if not all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v) for v in (mean, std)) \
+            or min(std) <= 0:
+        raise ValueError(f"{where}: its normalisation (mean {mean!r}, std {std!r}) is not three finite numbers each, std > 0: "
+                         "every map would be NaN")
     try:
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in _create(config).state_dict().items()}

@@ -423,17 +423,27 @@ def set_params(updates: dict[str, Any], path: str | Path = DEFAULT_PARAMS) -> bo
     for dotted, value in updates.items():
         node = doc
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
+            if not isinstance(node, Mapping):
+                raise ParamsError(f"{path}: unknown key '{dotted}' ({'.'.join(parents[:depth])} is a value, not a section)")
+            if key not in node:
+                raise ParamsError(f"{path}: unknown key '{dotted}' ({'.'.join(parents[:depth]) or 'the file'} has no section '{key}')")
             node = node[key]
+        if not isinstance(node, Mapping):
+            raise ParamsError(f"{path}: unknown key '{dotted}' ({'.'.join(parents)} is a value, not a section)")
         if leaf not in node:
             raise ParamsError(f"{path}: unknown key '{dotted}'")
         if node[leaf] != value:
             node[leaf] = value
             changed = True
-    if changed:
+    if changed:  # checked before it replaces the file: a bad value leaves params.yaml as it was
         from kdas.io import atomic_path
 
-        with atomic_path(path) as tmp, tmp.open("w") as fh:
-            yml.dump(doc, fh)
-        load_params(path)
+        with atomic_path(path) as tmp:
+            with tmp.open("w") as fh:
+                yml.dump(doc, fh)
+            try:
+                load_params(tmp)
+            except ParamsError as exc:
+                raise ParamsError(str(exc).replace(str(tmp), str(path)) + " (not written)") from None
     return changed

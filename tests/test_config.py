@@ -133,6 +133,24 @@ def test_set_params_writes_keys_in_place_keeping_comments(params_file):
         set_params({"train.epoch": 3}, params_file)
 
 
+def test_a_bad_profile_is_refused_before_it_is_written(params_file):
+    """`kdas params use` checks the profile's values first: a bad one leaves params.yaml as it
+    was, and a key under a scalar or an unknown section is one line, not a traceback."""
+    before = params_file.read_text()
+    for profile, message in (({"train.epochs": -5}, r"train\.epochs = -5 is out of range .*\(not written\)$"),
+                             ({"train.lr.x": 1}, r"unknown key 'train\.lr\.x' \(train\.lr is a value, not a section\)"),
+                             ({"nosuch.key": 1}, r"unknown key 'nosuch\.key' \(the file has no section 'nosuch'\)")):
+        with pytest.raises(ParamsError, match=message) as info:
+            set_params(profile, params_file)
+        assert str(params_file) in str(info.value) and ".tmp" not in str(info.value)
+        assert params_file.read_text() == before
+    edit(params_file, "profiles", {"broken": {"train.epochs": -5}})
+    before = params_file.read_text()
+    with pytest.raises(ParamsError, match="not written"):
+        use_profile("broken", params_file)
+    assert params_file.read_text() == before and load_params(params_file).train.epochs > 0
+
+
 def test_a_profile_overlays_its_keys_and_nothing_else(params_file):
     before = load_params(params_file)
     profile = before.profiles["paper"]

@@ -271,6 +271,14 @@ def test_a_hub_backbone_in_a_model_file_is_refused_without_contacting_the_hub(tm
         load_model(path)
 
 
+@pytest.mark.parametrize("norm", [{"std": [0.0, 0.0, 0.0]}, {"std": [0.5, -1.0, 0.5]}, {"mean": [float("nan"), 0.5, 0.5]}, {"std": [0.5]}])
+def test_a_model_file_whose_normalisation_makes_nan_maps_is_refused(tmp_path, payload, norm):
+    """std 0 divides every frame by zero: the maps were NaN, reported as 'polyp covers 0.0%'."""
+    path = forged(tmp_path, payload, model=norm)
+    with pytest.raises(ValueError, match=r"forged.pt: its normalisation .* std > 0: every map would be NaN"):
+        load_model(path)
+
+
 def test_onnx_metadata_declaring_a_huge_size_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
