@@ -212,6 +212,17 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+def unreadable_name(path: Path) -> str | None:
+    """Why a file's name cannot be a sample id (None: it can): ids travel through parquet,
+    MLflow and HTML as text, and a name that is not valid UTF-8 breaks each of them."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.parent / repr(os.fsencode(path.name))[2:-1]
+        return f"{shown}: its name is not valid UTF-8; rename it (ids are file names, kept as text)"
+    return None
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """A mask as HxW uint8 grey levels 0-255, foreground above 127 (binarise), decided from
     what the file holds; the policy, where a choice had to be made, is:

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from kdas.config import DATASET_NAME
 from kdas.data.catalog import CATALOG, canonical_name
-from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, nonbinary_fraction, open_image, pid_alive, read_mask
+from kdas.io import (IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, nonbinary_fraction, open_image, pid_alive, read_mask,
+                     unreadable_name)
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,16 @@ def _listing(folder: Path) -> tuple[dict[str, Path], list[str]]:
     """Files by id (name without extension), and a problem for each id held by several files
     (a.jpg + a.png: which one is the frame cannot be guessed)."""
     by_stem: dict[str, list[Path]] = {}
+    problems = []
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+            if (why := unreadable_name(p)) is not None:
+                problems.append(why)
+                continue
             by_stem.setdefault(p.stem, []).append(p)
-    duplicates = [f"{files[0]}: same id as {', '.join(p.name for p in files[1:])} (ids are file names without extension)"
-                  for files in by_stem.values() if len(files) > 1]
-    return {stem: files[0] for stem, files in by_stem.items()}, duplicates
+    problems += [f"{files[0]}: same id as {', '.join(p.name for p in files[1:])} (ids are file names without extension)"
+                 for files in by_stem.values() if len(files) > 1]
+    return {stem: files[0] for stem, files in by_stem.items()}, problems
 
 
 def _derive_name(folder: Path, root: Path, root_label: str) -> str | None:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from kdas.config import SplitParams
 from kdas.data.splits import assign_splits
-from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_path, binarise, file_sha256, nonbinary_fraction, open_image, read_mask, to_rgb
+from kdas.io import (IMAGE_EXTENSIONS, ImageReadError, atomic_path, binarise, file_sha256, nonbinary_fraction, open_image, read_mask, to_rgb,
+                     unreadable_name)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ def list_pairs(raw_root: Path, dataset: str) -> list[tuple[str, str, str]]:
             raise FileNotFoundError(f"{d}: missing; a dataset folder holds images/ and masks/")
         found = {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
         for p in found.values():  # a link to /dev/zero would be read forever, a FIFO block the reader
+            if (why := unreadable_name(p)) is not None:
+                raise ValueError(why)
             if not p.is_file():
                 raise ValueError(f"{p}: not a regular file (a device, FIFO, folder or broken link); a dataset holds image files only")
         return {stem: str(p) for stem, p in found.items()}

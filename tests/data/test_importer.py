@@ -340,6 +340,18 @@ def test_duplicate_ids_are_reported_not_dropped(tmp_path):
     assert left_in(tmp_path / "raw") == []
 
 
+def test_a_file_name_that_is_not_utf8_is_refused_at_import_naming_it(tmp_path):
+    """Ids are file names kept as text (parquet, MLflow, HTML): a name that is not valid UTF-8
+    imported fine, then broke `kdas data manifest` with an error that named no file."""
+    src = make_dataset(tmp_path / "ds", n=2)
+    bad = os.fsdecode(b"img\xff")
+    for sub in ("images", "masks"):
+        os.rename(src / sub / "img01.png", src / sub / f"{bad}.png")
+    with pytest.raises(ImportError_, match=r"images/img\\xff\.png: its name is not valid UTF-8; rename it"):
+        import_dataset(src, tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert left_in(tmp_path / "raw") == []
+
+
 def test_every_problem_of_a_release_in_one_error_and_nothing_written(tmp_path):
     src = make_dataset(tmp_path / "TestDataset" / "kvasir", n=5)
     make_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", n=2)  # a good dataset of the same release

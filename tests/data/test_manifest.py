@@ -181,3 +181,10 @@ def test_a_decompression_bomb_in_data_raw_is_one_rows_error(tmp_path):
     assert "img02.png: cannot decode image" in errors["img02"] and "decompression bomb" in errors["img02"]
     assert [errors[i] for i in ("img00", "img01", "img03")] == ["", "", ""]
     assert time.monotonic() - start < 30
+
+
+def test_a_file_name_that_is_not_utf8_in_data_raw_is_one_line_naming_it(tmp_path):
+    raw = make_dataset(tmp_path / "raw" / "ds", n=2).parent
+    os.rename(raw / "ds" / "images" / "img01.png", raw / "ds" / "images" / (os.fsdecode(b"img\xfe") + ".png"))
+    with pytest.raises(ValueError, match=r"images/img\\xfe\.png: its name is not valid UTF-8; rename it"):
+        build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
