@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -85,13 +86,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, writer: str = "kdas") -> Iterator[Path]:
     """Yield a temporary folder next to `path`; it replaces `path` on success.
 
     An existing `path` is moved aside to `.<name>.old` first and only deleted once the new
     folder is in place, so a failure at any point leaves the old content as it was (after
     a kill between the two renames, the next run puts `.<name>.old` back). An existing
-    `path` that kdas did not write (no MARKER in it) and that is not empty is refused.
+    `path` that kdas did not write (no MARKER in it) and that is not empty is refused, and so
+    is one that another kdas `writer` made (`kdas data synth` never replaces an import).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +106,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     if path.is_symlink() or path.exists() and not (path.is_dir() and ((path / MARKER).is_file() or not any(path.iterdir()))):
         raise ForeignFolderError(f"{path}: exists and has no {MARKER} file (kdas marks the folders it writes, and replaces "
                                  "only those): choose another output, or move it away yourself")
+    made_by = _writer(path / MARKER)
+    if writer != "kdas" and made_by not in (None, "kdas", writer):  # "kdas": a writer that may replace any kdas folder
+        raise ForeignFolderError(f"{path}: written by {made_by}, which `{writer}` does not replace: choose another output, or "
+                                 "move it away yourself")
     tmp = _temporary(path)
     tmp.mkdir()
-    (tmp / MARKER).write_text("Written by kdas, which may replace this folder.\n")
+    (tmp / MARKER).write_text(f"Written by {writer}, which may replace this folder.\n")
     try:
         yield tmp
         if path.exists():
@@ -115,6 +121,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writer(marker: Path) -> str | None:
+    """Which kdas command a folder's marker says wrote it ("kdas": one written before markers named it)."""
+    if not marker.is_file():
+        return None
+    found = re.match(r"Written by (.+?), which may replace this folder", marker.read_text(errors="replace"))
+    return found.group(1) if found else "kdas"
 
 
 @contextlib.contextmanager

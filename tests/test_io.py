@@ -125,6 +125,18 @@ def test_synth_never_replaces_a_folder_kdas_did_not_make(workdir, out):
     assert after == before
 
 
+def test_synth_never_replaces_an_imported_dataset(workdir):
+    """An import's folder carries kdas's marker too, but names its writer: `kdas data synth
+    --out data/raw/<dataset>` replaced the real frames with synthetic ones."""
+    import_dataset(make_dataset(workdir / "ds", n=2), workdir / "data" / "raw", name="mine", track=False, max_nonbinary=MAX_NONBINARY)
+    before = {p: p.read_bytes() for p in (workdir / "data" / "raw" / "mine").rglob("*") if p.is_file()}
+    result = synth(workdir, "data/raw/mine")
+    assert result.exit_code == 1 and result.output.strip() == (
+        "error: data/raw/mine: written by kdas data import, which `kdas data synth` does not replace: choose another output, or move it "
+        "away yourself")
+    assert {p: p.read_bytes() for p in (workdir / "data" / "raw" / "mine").rglob("*") if p.is_file()} == before
+
+
 def test_synth_replaces_its_own_output_and_fills_an_empty_folder(workdir):
     (workdir / "empty").mkdir()
     for out in ("empty", "data/raw/synth", "data/raw/synth"):

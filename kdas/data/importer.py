@@ -293,7 +293,7 @@ def import_dataset(src: str | Path, raw_root: str | Path = "data/raw", *, name: 
         with contextlib.ExitStack() as commit:  # each folder replaces its old version only if all succeed
             problems = []
             for f in found:
-                tmp = commit.enter_context(atomic_dir(raw_root / f.name))
+                tmp = commit.enter_context(atomic_dir(raw_root / f.name, "kdas data import"))
                 problems += _convert_all(f, tmp, max_nonbinary=max_nonbinary, workers=workers)
             if problems:
                 text = f"{src}: {len(problems)} problem(s), nothing imported:\n  " + "\n  ".join(problems)

@@ -91,7 +91,7 @@ def synth_frame(seed: int, index: int, size: int, empty_fraction: float) -> tupl
 def write_synth(out: str | Path, params: SynthParams) -> Path:
     """Write params.n_images frames in the canonical layout, atomically."""
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "kdas data synth") as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         for i in tqdm(range(params.n_images), desc="synth", unit="frame", disable=None):
