@@ -292,6 +292,12 @@ def _check_values(params: Params, where: str) -> None:
         if not MODEL_NAME.fullmatch(getattr(params.register, key)):
             raise ParamsError(f"{where}: register.{key} = {getattr(params.register, key)!r}: use letters, digits, '.', '_' "
                               "or '-' (at most 100)")
+    for role in ("teacher", "student"):  # timm would try the hub for an hf-hub: backbone (36 s to fail offline)
+        spec = getattr(params.model, role)
+        if (spec.backbone or "").startswith(("hf-hub:", "hf_hub:")) and spec.weights != "hub":
+            raise ParamsError(f"{where}: model.{role}.backbone = {spec.backbone!r} is on the model hub, but model.{role}.weights is "
+                              f"{spec.weights!r}: name a timm backbone (weights from a local file), or set weights: hub if the "
+                              "network is meant")
     check_image_size(params.train.image_size, f"{where}: train.image_size")
     if params.train.teacher.image_size is not None:
         check_image_size(params.train.teacher.image_size, f"{where}: train.teacher.image_size")
@@ -358,6 +364,12 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise ParamsError(f"{path}: {exc}; a key may appear once per mapping") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: not a text file (not UTF-8); params.yaml is YAML text") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to be a params file") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits (Python's int-from-string limit)
+        raise ParamsError(f"{path}: not a params file ({str(exc).splitlines()[0][:200]})") from None
     if _expanded_values(raw) > MAX_YAML_VALUES:
         raise ParamsError(f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values (an alias bomb?); write the "
                           "values out instead")

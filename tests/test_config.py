@@ -133,6 +133,26 @@ def test_set_params_writes_keys_in_place_keeping_comments(params_file):
         set_params({"train.epoch": 3}, params_file)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", r"not a text file"),
+    (b"a: " + b"[" * 20000 + b"]" * 20000, r"nested too deeply|not valid YAML"),
+    (b"train:\n  epochs: " + b"9" * 5000, r"not a params file|out of range"),
+])
+def test_a_file_that_is_no_yaml_text_is_one_line_naming_it(params_file, content, message):
+    params_file.write_bytes(content)
+    with pytest.raises(ParamsError, match=message) as info:
+        load_params(params_file)
+    assert str(info.value).startswith(f"{params_file}: ") and "\n" not in str(info.value)
+
+
+def test_a_hub_backbone_needs_weights_hub(params_file):
+    edit(params_file, "model.student.backbone", "hf-hub:timm/mobilenetv3_small_100.lamb_in1k")
+    with pytest.raises(ParamsError, match=r"model\.student\.backbone = 'hf-hub:.*' is on the model hub, but model\.student\.weights is 'none'"):
+        load_params(params_file)
+    edit(params_file, "model.student.weights", "hub")
+    assert load_params(params_file).model.student.weights == "hub"
+
+
 def test_a_bad_profile_is_refused_before_it_is_written(params_file):
     """`kdas params use` checks the profile's values first: a bad one leaves params.yaml as it
     was, and a key under a scalar or an unknown section is one line, not a traceback."""
