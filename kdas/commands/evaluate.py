@@ -25,6 +25,7 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     """
     from kdas.data.manifest import read_manifest
     from kdas.evaluation import evaluate_model
+    from kdas.io import file_sha256
     from kdas.inference import Segmenter
     from kdas.tracking.references import resolve_model_file
     from kdas.tracking.runs import log_artifacts, log_metrics, model_run
@@ -35,7 +36,7 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     model_file = resolve_model_file(model_ref)
     seg = Segmenter.load(model_file, device)
     with model_run(seg.info.get("mlflow_run_id"), f"evaluate_{role}", {"evaluate": params.evaluate},
-                           dvc_stage=f"evaluate@{role}"):
+                   dvc_stage=f"evaluate@{role}", model_sha256=file_sha256(model_file)):
         result = evaluate_model(seg, read_manifest(manifest), out, batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
         log_metrics({"test": result["datasets"], "test_published": result["published"],
                      "efficiency": {k: v for k, v in result["efficiency"].items() if k != "device"}})

@@ -139,7 +139,7 @@ def register_model(
             onnx_file = export_onnx(loaded, tmp / f"{model_file.stem}.onnx", source=f"{model_file} (registered as {name})")
             tags["kdas.onnx"] = f"artifacts/{onnx_file.name}"  # its path in the logged model
         role = info.get("role", "model")
-        with model_run(info.get("mlflow_run_id"), f"register_{role}", dvc_stage=f"register@{role}") as run:
+        with model_run(info.get("mlflow_run_id"), f"register_{role}", dvc_stage=f"register@{role}", model_sha256=sha) as run:
             logged = log_segmenter(model_file, serving_config=config, onnx_file=onnx_file)
             per_set: dict[str, dict[str, Any]] = {}
             for key, value in flatten(metrics, sep="/").items():

@@ -112,14 +112,22 @@ def _require_run() -> None:
         raise RuntimeError("no active MLflow run: log inside `with stage_run(...)`")
 
 
+MODEL_TAG = "kdas.model_sha256"  # on a training run: the digest of the model file it wrote
+
+
 @contextlib.contextmanager
-def model_run(run_id: str | None, stage: str, params: Mapping[str, Any] | None = None, dvc_stage: str | None = None) -> Iterator[Any]:
+def model_run(run_id: str | None, stage: str, params: Mapping[str, Any] | None = None, dvc_stage: str | None = None, *,
+              model_sha256: str) -> Iterator[Any]:
     """The model's own record: its training run `run_id` (from the model file), resumed, so
-    that training curves, evaluation and the registered model are one run; a model with no
-    run in this store (trained elsewhere) gets a new stage run instead."""
+    that training curves, evaluation and the registered model are one run. The file's word is
+    not taken: the run must say it wrote this model (MODEL_TAG = `model_sha256`), so a model
+    file naming another run (a copy edited, or one from another store) logs nothing into it; a
+    model with no run of its own in this store gets a new stage run instead."""
     if run_id and mlflow.active_run() is None:
         try:
-            get_client().get_run(run_id)
+            if get_client().get_run(run_id).data.tags.get(MODEL_TAG) != model_sha256:
+                log.warning("MLflow run %s did not write this model (digest %s): logging into a new run", run_id, model_sha256[:12])
+                run_id = None
         except MlflowException:
             run_id = None
     if not run_id or mlflow.active_run() is not None:
@@ -191,6 +199,7 @@ class TrainingLog:
         self.metrics: list[Metric] = []
         self.waiting: list[str] = []  # the metrics kept, in words: "epoch 3", "the final metrics"
         self.files: list[tuple[str, str | None]] = []
+        self.tags: dict[str, str] = {}
 
     def __call__(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         now = int(time.time() * 1000)
@@ -202,6 +211,13 @@ class TrainingLog:
         self.files.append((os.fspath(path), artifact_path))
         self._send(Path(path).name)
 
+    def model(self, path: str | Path) -> None:
+        """The model file this run wrote, by digest: what model_run checks before it logs into this run again."""
+        from kdas.io import file_sha256
+
+        self.tags[MODEL_TAG] = file_sha256(path)
+        self._send("the model's digest")
+
     def _send(self, what: str) -> None:
         try:
             check_reachable(self.uri)  # a closed port answers at once; MLflow's retries take seconds
@@ -212,15 +228,17 @@ class TrainingLog:
             while self.files:
                 client.log_artifact(self.run_id, *self.files[0])
                 self.files.pop(0)
+            for key in list(self.tags):
+                client.set_tag(self.run_id, key, self.tags.pop(key))
         except (MlflowException, RuntimeError, OSError) as exc:
             log.warning("MLflow did not take %s (%s); kept, to be logged when it answers again", what, _short(exc))
 
     def unlogged(self) -> str | None:
         """One line naming what never reached the run, or None."""
-        missing = self.waiting + [Path(path).name for path, _ in self.files]
+        missing = self.waiting + [Path(path).name for path, _ in self.files] + list(self.tags)
         if not missing:
             return None
-        return (f"MLflow run {self.run_id} in {self.uri} misses {', '.join(missing)}: its tracking store stopped answering "
+        return (f"MLflow run {self.run_id} in {masked(self.uri)} misses {', '.join(missing)}: its tracking store stopped answering "
                 "(the training's own files hold every figure)")
 
 

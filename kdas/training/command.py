@@ -115,6 +115,8 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
         job.on_epoch = epochs = TrainingLog()
         result = run_train(job)
         epochs({"best_val_meanDic": result.best_val_dice, "best_epoch": result.best_epoch})
+        if result.best_path.exists():
+            epochs.model(result.best_path)
         for name in ("history.csv", "history.png", "losses.csv", "metrics.json"):  # the weights go to the registry (kdas register)
             if (out / name).exists():
                 epochs.artifact(out / name, artifact_path=role)

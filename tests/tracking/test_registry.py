@@ -37,7 +37,7 @@ from kdas.inference import Segmenter
 from kdas.models import create_model
 from kdas.tracking.references import resolve_model_file
 from kdas.tracking.registry import RegistryError, champion_metrics, promote, register_model, rollback, version_summary
-from kdas.tracking.runs import PARENT_RUN_ENV, stage_run
+from kdas.tracking.runs import MODEL_TAG, PARENT_RUN_ENV, stage_run
 from kdas.tracking.store import EXPERIMENT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -165,6 +165,8 @@ def test_the_version_names_its_data_commit_training_run_and_teacher(project: Pat
     sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
     student_file = tiny_model(project, 11, role="student", method="kdas", mlflow_run_id=student_run.info.run_id,
                               train_data="kvasir-seg@aaaa", teacher=str(teacher_file), teacher_sha256=sha)
+    # as `kdas train` ends: its run names the model file it wrote (a file's run id alone is not trusted)
+    MlflowClient().set_tag(student_run.info.run_id, MODEL_TAG, hashlib.sha256(student_file.read_bytes()).hexdigest())
     version = register_model(student_file, "student-lineage", {"kvasir-seg": {"meanDic": 0.75}}, evaluation_data=DATA,
                              teacher_name="teacher-lineage", serving_config=SERVE, onnx=False)
     assert version.run_id == student_run.info.run_id  # logged in the model's own training run: one record

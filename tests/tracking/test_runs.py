@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from helpers import MLFLOW_SERVER_QUIET, ROOT, free_port, start_mlflow_server, stop, tiny_teacher_project, tool_environ
-from kdas.tracking.runs import BOUNDED_HTTP, PARENT_RUN_ENV, TrainingLog, log_artifacts, log_data_lineage, log_dict, log_metrics, pipeline_run, stage_run
+from kdas.tracking.runs import (BOUNDED_HTTP, PARENT_RUN_ENV, TrainingLog, log_artifacts, log_data_lineage, log_dict, log_metrics, model_run,
+                               pipeline_run, stage_run)
 from kdas.tracking.store import EXPERIMENT_ENV, store_error, tracking_uri
 
 
@@ -159,6 +160,25 @@ def _make_dir(root: Path) -> Path:
     folder.mkdir()
     (folder / "grid.txt").write_text("x")
     return folder
+
+
+def test_a_model_file_naming_another_run_logs_nothing_into_it(mlflow_store: Path) -> None:
+    """A model file's mlflow_run_id is its own word: `kdas evaluate --model lying.pt` logged 52
+    metrics into another run. model_run resumes a run only if that run says it wrote this model."""
+    mine, other = mlflow_store / "mine.pt", mlflow_store / "lying.pt"
+    mine.write_bytes(b"the model this run wrote")
+    other.write_bytes(b"another model, whose file names this run")
+    with stage_run("train_student") as run:
+        TrainingLog().model(mine)
+    from kdas.io import file_sha256
+
+    with model_run(run.info.run_id, "evaluate_student", model_sha256=file_sha256(other)) as elsewhere:
+        log_metrics({"test/meanDic": 0.9})
+    with model_run(run.info.run_id, "evaluate_student", model_sha256=file_sha256(mine)) as resumed:
+        log_metrics({"test/meanDic": 0.5})
+    client = MlflowClient()
+    assert elsewhere.info.run_id != run.info.run_id and resumed.info.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).data.metrics == {"test/meanDic": 0.5}
 
 
 def test_data_lineage_tolerates_missing_dvc_files(mlflow_store: Path) -> None:
