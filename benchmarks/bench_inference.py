@@ -57,7 +57,7 @@ def worker(spec: dict) -> dict:
             with torch.inference_mode():
                 model(torch.from_numpy(x))
     else:
-        from kdas.onnx_runtime import OnnxSegmenter
+        from kdas.serving.onnx_runtime import OnnxSegmenter
 
         seg = OnnxSegmenter(spec["path"], device="cpu", threads=spec["threads"])
 
@@ -143,7 +143,7 @@ def build_models(tmp: Path, size: int, student_file: Path, tiny: bool) -> dict[s
 
 
 def dice_of(seg, images: list[np.ndarray], masks: list[np.ndarray], names: list[str]) -> float:
-    from kdas.metrics import Evaluator
+    from kdas.evaluation.metrics import Evaluator
 
     ev = Evaluator()
     for name, prob, gt in zip(names, seg.predict(images, batch_size=8), masks):
@@ -168,10 +168,10 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from kdas import export, onnx_runtime
     from kdas.checkpoint import load_model
-    from kdas.inference import Segmenter
     from kdas.io import binarise, read_mask, read_rgb
+    from kdas.serving import export, onnx_runtime
+    from kdas.serving.inference import Segmenter
 
     t0 = time.perf_counter()
     train, test = kvasir_split()

@@ -1,4 +1,4 @@
-"""Benchmark: vectorised threshold curves in kdas.metrics vs a straightforward per-threshold loop.
+"""Benchmark: vectorised threshold curves in kdas.evaluation.metrics vs a straightforward per-threshold loop.
 
 The loop below is the reference way the protocol is usually written (re-binarise the whole
 image at each of the 256 thresholds, count, compute the E-measure pixel by pixel). It lives
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from kdas import metrics as M
+from kdas.evaluation import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"

@@ -53,8 +53,8 @@ def _frames(n_train: int, n_val: int, tmp: Path):
         images = sorted((root / "images").glob("*.jpg"))[: n_train + n_val]
         rows = [{"dataset": "kvasir-seg", "id": p.stem, "image_path": str(p), "mask_path": str(root / "masks" / p.name)} for p in images]
     else:
-        from kdas.data.synth import write_synth
         from kdas.config import SynthParams
+        from kdas.data.synth import write_synth
 
         out = write_synth(tmp / "synth", SynthParams(n_images=n_train + n_val, size=256, empty_fraction=0.0, seed=0))
         rows = [{"dataset": "synth", "id": p.stem, "image_path": str(p), "mask_path": str(out / "masks" / p.name)}
@@ -133,8 +133,7 @@ def measure(args) -> dict:
     from kdas.checkpoint import save_model
     from kdas.config import load_params
     from kdas.models import create_model
-    from kdas.training import TrainJob
-    from kdas.training import engine
+    from kdas.training import TrainJob, engine
 
     if args.tf32:  # what an older engine did not set
         torch.set_float32_matmul_precision("high")

@@ -134,8 +134,8 @@ def headroom(model: Path) -> dict[str, float]:
 
     import pandas as pd
 
-    from kdas.evaluation import evaluate_model
-    from kdas.inference import Segmenter
+    from kdas.evaluation.evaluate import evaluate_model
+    from kdas.serving.inference import Segmenter
 
     manifest = pd.read_parquet(ROOT / "data" / "manifest.parquet")
     seg, found = Segmenter.load(model, "cpu"), {}

@@ -64,8 +64,8 @@ def main() -> None:
     import torch
 
     from kdas.config import RoleModel, load_params
-    from kdas.evaluation import evaluate_model
-    from kdas.inference import Segmenter
+    from kdas.evaluation.evaluate import evaluate_model
+    from kdas.serving.inference import Segmenter
     from kdas.training import TrainJob, train
 
     params = load_params(ROOT / "params.yaml")

@@ -1,8 +1,7 @@
 """`kdas ...`: the command group, one line per expected failure, and params.yaml read once.
 
-Each command lives beside its feature: the data group in kdas/data/commands.py, the
-training group in kdas/training/command.py, the others in kdas/commands/. This file names
-them in COMMANDS and imports a command's module only when that command runs, so a command
+Every command lives in kdas/commands/, one module per command group (parse, call the
+feature, print). This file names them in COMMANDS and imports a command's module only when that command runs, so a command
 runs its own code and no other command's (and a DVC stage depends on its command alone).
 """
 
@@ -28,13 +27,13 @@ REPORTS = Path("reports")
 # its help), so that listing the commands imports none of them (the training group loads
 # torch). tests/test_cli.py holds each summary to the command's own.
 COMMANDS = {
-    "data": ("kdas.data.commands:data", "Import, fetch or generate datasets and build the manifest."),
+    "data": ("kdas.commands.data:data", "Import, fetch or generate datasets and build the manifest."),
     "validate": ("kdas.commands.validate:validate", "Check the data contract; exit 1 naming each failing file and rule."),
     "params": ("kdas.commands.params:params", "Named parameter profiles (params.yaml `profiles:`)."),
     "plots": ("kdas.commands.plots:plots_cmd", "`dvc plots show` that works offline (chart libraries inlined), plus PNGs."),
     "import-teacher": ("kdas.commands.import_teacher:import_teacher",
                        "Turn an official Polyp-PVT checkpoint (PolypPVT.pth) into a kdas model file."),
-    "train": ("kdas.training.command:train", "Train the teacher, or distil it into the student."),
+    "train": ("kdas.commands.train:train", "Train the teacher, or distil it into the student."),
     "evaluate": ("kdas.commands.evaluate:evaluate", "Score a model on every test set by the standard protocol."),
     "metrics": ("kdas.commands.metrics:metrics_cmd", "Score saved prediction maps (8-bit PNG, value/255 = probability) against masks."),
     "register": ("kdas.commands.register:register", "Log the model to MLflow and register it as a new version, alias `challenger`."),

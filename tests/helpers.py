@@ -46,7 +46,7 @@ TINY = {
     ("train", "workers"): 0,
     ("evaluate", "grid_size"): 2,
     ("register", "gate", "floor"): 0.0,
-    ("register", "onnx"): False,  # the export costs seconds per version; tests/test_export.py registers one with it
+    ("register", "onnx"): False,  # the export costs seconds per version; tests/serving/test_export.py registers one with it
 }
 
 

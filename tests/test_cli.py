@@ -23,7 +23,7 @@ def project(workdir, mlflow_store):
     params["model"].update(teacher=tiny, student=tiny)
     params["train"].update(image_size=64, epochs=1, workers=0)
     params["register"]["gate"]["floor"] = 0.0
-    params["register"]["onnx"] = False  # seconds per version; tests/test_export.py registers one with its export
+    params["register"]["onnx"] = False  # seconds per version; tests/serving/test_export.py registers one with its export
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return workdir
 

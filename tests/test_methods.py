@@ -11,16 +11,23 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from helpers import SHARED, distill_params, tool_environ
+
 from kdas.checkpoint import load_model, save_model
-from kdas.config import RoleModel, SplitParams, SynthParams, TrainParams, load_params, use_profile
+from kdas.config import (
+    RoleModel,
+    SplitParams,
+    SynthParams,
+    TrainParams,
+    load_params,
+    use_profile,
+)
 from kdas.data.manifest import build_manifest
 from kdas.data.synth import write_synth
-from kdas.evaluation import evaluate_model
-from kdas.inference import Segmenter
+from kdas.evaluation.evaluate import evaluate_model
 from kdas.maps import prepare
 from kdas.models import create_model
+from kdas.serving.inference import Segmenter
 from kdas.training import TrainJob, train
 
 WEIGHTS = SHARED / "weights"

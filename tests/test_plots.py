@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from helpers import tool_environ
+from PIL import Image
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from kdas.validation import Finding, ValidationReport, _groups, render_html
+from kdas.data.validation import Finding, ValidationReport, _groups, render_html
 
 
 def test_page_shows_thumbnails_and_groups(tmp_path):

@@ -24,9 +24,9 @@ def evaluate(ctx: click.Context, role: str, model_ref: str | None, manifest: Pat
     at threshold 0.5) and compare.png (teacher vs student, once both roles are evaluated).
     """
     from kdas.data.manifest import read_manifest
-    from kdas.evaluation import evaluate_model
+    from kdas.evaluation.evaluate import evaluate_model
     from kdas.io import file_sha256
-    from kdas.inference import Segmenter
+    from kdas.serving.inference import Segmenter
     from kdas.tracking.references import resolve_model_file
     from kdas.tracking.runs import log_artifacts, log_metrics, model_run
 

@@ -26,8 +26,8 @@ def export_cmd(model_ref: str, out: Path, int8: bool, manifest: Path, calibratio
     """
     import tempfile
 
-    from kdas import export, onnx_runtime
     from kdas.data.manifest import read_manifest
+    from kdas.serving import export, onnx_runtime
     from kdas.tracking.references import is_model_uri, resolve_model_file
 
     if out.suffix.lower() != ".onnx":

@@ -17,8 +17,8 @@ def metrics_cmd(pred_dir: Path, gt_dir: Path, json_out: Path | None) -> None:
 
     Pairs are matched by file name without extension; sizes must match.
     """
+    from kdas.evaluation.metrics import evaluate_folders
     from kdas.io import write_text
-    from kdas.metrics import evaluate_folders
 
     evaluator = evaluate_folders(pred_dir, gt_dir)
     summary = evaluator.summary()

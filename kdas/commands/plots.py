@@ -19,7 +19,7 @@ def plots_cmd(targets: tuple[str, ...], out: Path, png: Path) -> None:
 
     Open OUT/index.html in a browser; the PNGs are the same charts as files.
     """
-    from kdas.plots import show
+    from kdas.evaluation.plots import show
 
     written = show(out, png, list(targets))
     click.echo("\n".join(f"  {p}" for p in written))

@@ -32,18 +32,18 @@ def predict(ctx: click.Context, images: tuple[Path, ...], model_ref: str | None,
     from kdas.io import read_rgb
 
     if model_ref is None:  # the project's champion student: needs the project's params.yaml
-        from kdas.promotion import CHAMPION
+        from kdas.tracking.promotion import CHAMPION
 
         if not Path(ctx.find_root().obj["params_path"]).exists():
             raise click.UsageError("no --model given and no params.yaml here: pass --model FILE_OR_URI, or run in a kdas project")
         model_ref = f"models:/{params_of(ctx).register.student_name}@{CHAMPION}"
 
     if is_onnx_file(model_ref):  # onnxruntime: no torch on this path
-        from kdas.onnx_runtime import OnnxSegmenter
+        from kdas.serving.onnx_runtime import OnnxSegmenter
 
         seg = OnnxSegmenter.load(model_ref, device)
     else:
-        from kdas.inference import Segmenter
+        from kdas.serving.inference import Segmenter
         from kdas.tracking.references import resolve_model_file
         from kdas.tracking.registry import version_summary
 

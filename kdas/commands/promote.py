@@ -35,8 +35,8 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
     def evaluate_champion(uri: str) -> tuple[dict[str, float], str]:
         """The champion on the challenger's test sets (this workspace's manifest)."""
         from kdas.data.manifest import read_manifest
-        from kdas.evaluation import evaluate_model
-        from kdas.inference import Segmenter
+        from kdas.evaluation.evaluate import evaluate_model
+        from kdas.serving.inference import Segmenter
 
         click.echo(f"{uri} was scored on other data: evaluating it on this workspace's test sets first")
         seg = Segmenter.load(resolve_model_file(uri))

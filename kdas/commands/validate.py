@@ -21,7 +21,7 @@ def validate(ctx: click.Context, manifest: Path, reports: Path, show: int) -> No
     Writes reports/validation.json and reports/validation.html.
     """
     from kdas.data.manifest import read_manifest
-    from kdas.validation import validate_manifest, write_report
+    from kdas.data.validation import validate_manifest, write_report
 
     report = validate_manifest(read_manifest(manifest), params_of(ctx).validation)
     write_report(report, reports / "validation.json", reports / "validation.html")

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from kdas.data.transforms import seed_augment, train_augment
-from kdas.maps import resize
 from kdas.io import binarise, read_mask, read_rgb
+from kdas.maps import resize
 from kdas.progress import Progress
 
 

@@ -20,8 +20,18 @@ from tqdm import tqdm
 
 from kdas.config import SplitParams
 from kdas.data.splits import assign_splits
-from kdas.io import (IMAGE_EXTENSIONS, ImageReadError, atomic_path, binarise, file_sha256, nonbinary_fraction, open_image, read_mask, to_rgb,
-                     unreadable_name)
+from kdas.io import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    atomic_path,
+    binarise,
+    file_sha256,
+    nonbinary_fraction,
+    open_image,
+    read_mask,
+    to_rgb,
+    unreadable_name,
+)
 
 log = logging.getLogger(__name__)
 

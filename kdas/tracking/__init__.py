@@ -16,6 +16,6 @@ kdas.tracking.runs import stage_run``), so a command that only logs a run does n
 the registry, the served model or the ONNX exporter, and a DVC stage depends on the
 tracking code it runs, not on all of it.
 
-What needs no MLflow lives outside: the promotion decision (kdas.promotion), the image
-codec (kdas.codec), provenance (kdas.provenance).
+What needs no MLflow lives outside: the promotion decision (kdas.tracking.promotion), the image
+codec (kdas.serving.codec), provenance (kdas.provenance).
 """

@@ -1,5 +1,5 @@
 """The model registry: one version per model file, aliases ``challenger`` and
-``champion``, promotion by the pure gate of kdas.promotion on like-for-like evidence.
+``champion``, promotion by the pure gate of kdas.tracking.promotion on like-for-like evidence.
 
 A registered version is the model's one record: it is logged in the model's training run
 (named by the model file), carries its metrics (per test set, attached to the logged model
@@ -19,19 +19,33 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from kdas.config import GateParams, check_serving_config
 from kdas.io import file_sha256
-from kdas.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
 from kdas.provenance import flatten, git_tags, lineage_tags
+from kdas.tracking.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    METRIC_TAG,
+    Decision,
+    Evidence,
+    decide,
+    metric_tags,
+)
 from kdas.tracking.runs import log_metrics, model_run
 from kdas.tracking.served import log_segmenter
-from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, masked, project_dir, tracking_uri
+from kdas.tracking.store import (
+    MODEL_FILE_ARTIFACT,
+    get_client,
+    masked,
+    project_dir,
+    tracking_uri,
+)
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
@@ -98,11 +112,11 @@ def register_model(
     """Register `model_file` as a version of `name` with alias ``challenger``; idempotent.
 
     `metrics`: ``{test set: {metric: value}}`` as measured on `evaluation_data` (an id from
-    kdas.evaluation). A model file registered before (same content) gets no second version:
+    kdas.evaluation.evaluate). A model file registered before (same content) gets no second version:
     the existing one is returned, with ``challenger`` pointed at it unless it is the champion.
     `serving_config`: what the served version enforces, kdas.config.serving_limits
     (and optionally device, batch_size, runtime). `onnx`: log the fp32 ONNX export with the
-    version (kdas.export), for onnxruntime serving.
+    version (kdas.serving.export), for onnxruntime serving.
     """
     from kdas.checkpoint import load_model
 
@@ -133,7 +147,7 @@ def register_model(
     with contextlib.ExitStack() as stack:
         onnx_file = None
         if onnx:  # before any run or version exists: an export failure leaves no trace
-            from kdas.export import export_onnx
+            from kdas.serving.export import export_onnx
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             onnx_file = export_onnx(loaded, tmp / f"{model_file.stem}.onnx", source=f"{model_file} (registered as {name})")
@@ -157,8 +171,8 @@ def register_model(
 
 
 def _evaluation_dataset(name: str, evaluation_data: str) -> Any:
-    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
 
     # a reference, not the images: which test set, at which content (the data id's hash)
     return MetaDataset(source=HTTPDatasetSource(f"https://kdas.invalid/test-sets/{name}"), name=name,
@@ -270,7 +284,7 @@ def _now() -> str:
 
 
 def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None, version: str | None = None) -> Decision:
-    """Apply the gate (kdas.promotion.decide) to `version` of `name`.
+    """Apply the gate (kdas.tracking.promotion.decide) to `version` of `name`.
 
     A pipeline passes the version it registered: the ``challenger`` alias (the default, for
     a person at a terminal) is last-writer-wins, and another run may have moved it since.

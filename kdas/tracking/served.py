@@ -1,6 +1,6 @@
 """The served model: a pyfunc logged as "models from code" around a kdas model file (an
 artifact; no pickled torch modules, no cloudpickle): base64 PNG/JPEG in, base64 PNG mask
-out (the wire format is kdas.codec's), with a budget per request."""
+out (the wire format is kdas.serving.codec's), with a budget per request."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -18,8 +17,16 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
-from kdas.codec import BadImage, check_header, decode, encode_image, image_bytes, png_base64
+import mlflow
 from kdas.config import check_serving_config
+from kdas.serving.codec import (
+    BadImage,
+    check_header,
+    decode,
+    encode_image,
+    image_bytes,
+    png_base64,
+)
 from kdas.tracking.runs import _require_run
 from kdas.tracking.store import MODEL_FILE_ARTIFACT
 
@@ -28,7 +35,7 @@ from kdas.tracking.store import MODEL_FILE_ARTIFACT
 # visible and stays fixed for that version: the budget of one request, checked from the
 # image headers before any pixel is decoded (a 10 KB PNG can declare 4096 x 4096).
 
-ONNX_ARTIFACT = "onnx_model"  # its ONNX export (kdas.export; run by kdas.onnx_runtime), logged with it by register_model
+ONNX_ARTIFACT = "onnx_model"  # its ONNX export (kdas.serving.export; run by kdas.serving.onnx_runtime), logged with it by register_model
 
 
 def bad_input(message: str) -> MlflowException:
@@ -48,13 +55,13 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.config = check_serving_config(context.model_config or {})
         if self.config["runtime"] == "onnxruntime":  # no torch needed
-            from kdas.onnx_runtime import OnnxSegmenter
+            from kdas.serving.onnx_runtime import OnnxSegmenter
 
             if ONNX_ARTIFACT not in context.artifacts:
                 raise MlflowException(f"runtime onnxruntime, but the model has no '{ONNX_ARTIFACT}' artifact")
             self.segmenter = OnnxSegmenter.load(context.artifacts[ONNX_ARTIFACT], device=self.config["device"])
             return
-        from kdas.inference import Segmenter
+        from kdas.serving.inference import Segmenter
 
         self.segmenter = Segmenter.load(context.artifacts[MODEL_FILE_ARTIFACT], device=self.config["device"])
 

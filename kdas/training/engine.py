@@ -41,12 +41,12 @@ from kdas.checkpoint import ModelFile, load_model, save_model, save_torch
 from kdas.config import DistillParams, RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.device import autocast, autocast_dtype, select_device, tune_for_training
+from kdas.evaluation.metrics import Evaluator, mean_dice
 from kdas.io import atomic_path, file_sha256, write_text
-from kdas.metrics import Evaluator, mean_dice
 from kdas.models import OUTPUT_STRIDE, create_model
+from kdas.progress import Progress, clock
 from kdas.training.curves import plot_history
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
-from kdas.progress import Progress, clock
 from kdas.training.methods import create_task
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 import pytest
+from helpers import make_dataset, png_declaring, write_pair
 from PIL import Image
 
-from helpers import make_dataset, png_declaring, write_pair
 from kdas.config import SplitParams, load_params
 from kdas.data.manifest import build_manifest, read_manifest, write_manifest
-from kdas.validation import validate_manifest, write_report
+from kdas.data.validation import validate_manifest, write_report
 
 SPLIT = SplitParams(val_fraction=0.2, test_fraction=0.3, seed=1)
 

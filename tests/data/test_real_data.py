@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import DATASETS, MAX_NONBINARY
+
 from kdas.config import load_params
 from kdas.data.importer import import_dataset
 from kdas.data.manifest import build_manifest
-from kdas.validation import validate_manifest
+from kdas.data.validation import validate_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata, pytest.mark.skipif(not DATASETS.exists(), reason=f"{DATASETS} not present")]
 

@@ -283,7 +283,7 @@ def test_onnx_metadata_declaring_a_huge_size_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from kdas.onnx_runtime import FORMAT, META, read_metadata
+    from kdas.serving.onnx_runtime import FORMAT, META, read_metadata
 
     graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g",
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],

@@ -32,8 +32,8 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-
 from helpers import ROOT, TINY, dvc_project, tool_environ
+
 from kdas.cli import COMMANDS, main
 from kdas.training.methods import NONE
 
@@ -273,15 +273,15 @@ def test_stage_declares_the_code_and_params_its_command_reads(name: str) -> None
 def test_the_analysis_finds_what_it_must() -> None:
     """The reader itself, on commands whose reads are known: it cannot pass by seeing nothing."""
     files, keys = stage_reads("kdas train teacher")
-    assert {Path("kdas/cli.py"), Path("kdas/training/command.py"), Path("kdas/config.py"), Path("kdas/training/engine.py"),
-            Path("kdas/metrics.py"), Path("kdas/checkpoint.py"), Path("kdas/io.py"), Path("kdas/models/polyp_pvt.py"),
+    assert {Path("kdas/cli.py"), Path("kdas/commands/train.py"), Path("kdas/config.py"), Path("kdas/training/engine.py"),
+            Path("kdas/evaluation/metrics.py"), Path("kdas/checkpoint.py"), Path("kdas/io.py"), Path("kdas/models/polyp_pvt.py"),
             Path("kdas/tracking/runs.py")} <= files
     assert {"train.nproc_per_node", "model.teacher", "model.teacher.weights", "train"} <= keys
     assert not any(k.startswith("model.student") for k in keys)
     # what the teacher's training does not run: the exporter, the registry, other commands
-    assert not files & {Path("kdas/export.py"), Path("kdas/onnx_runtime.py"), Path("kdas/inference.py"), Path("kdas/tracking/registry.py"),
-                        Path("kdas/tracking/served.py"), Path("kdas/data/commands.py")}
-    assert not any(f.parent == Path("kdas/commands") for f in files)
+    assert not files & {Path("kdas/serving/export.py"), Path("kdas/serving/onnx_runtime.py"), Path("kdas/serving/inference.py"), Path("kdas/tracking/registry.py"),
+                        Path("kdas/tracking/served.py"), Path("kdas/commands/data.py")}
+    assert not any(f.parent == Path("kdas/commands") and f.name not in ("__init__.py", "train.py") for f in files)  # no other command
     files, keys = stage_reads("kdas train student")
     assert {"distill", "model.student"} <= keys and not any(k.startswith("model.teacher") for k in keys)
     assert "distill" not in stage_reads("kdas train teacher")[1]  # the teacher's stage is not re-run by a distill key
@@ -290,9 +290,9 @@ def test_the_analysis_finds_what_it_must() -> None:
     assert {Path("kdas/cli.py"), Path("kdas/commands/register.py"), Path("kdas/tracking/registry.py")} <= files
     files, keys = stage_reads("kdas data synth")
     assert keys >= {"data.synth", "data.synth.n_images"} and all(k.startswith("data.synth") for k in keys)
-    assert {Path("kdas/data/synth.py"), Path("kdas/data/commands.py"), Path("kdas/cli.py")} <= files
-    assert not any(f.parts[1] in ("models", "tracking", "training", "commands") or f.name in ("export.py", "importer.py", "fetch.py")
-                   for f in files), sorted(map(str, files))
+    assert {Path("kdas/data/synth.py"), Path("kdas/commands/data.py"), Path("kdas/cli.py")} <= files
+    assert not any(f.parts[1] in ("models", "tracking", "training", "serving", "evaluation") or f.name in ("export.py", "importer.py", "fetch.py")
+                   or f.parent == Path("kdas/commands") and f.name not in ("__init__.py", "data.py") for f in files), sorted(map(str, files))
 
 
 # ------------------------------------------------------------------------- the lazy command table
@@ -308,7 +308,7 @@ def test_every_command_of_the_table_loads_and_its_summary_is_its_own() -> None:
         assert " ".join(command.help.split("\n\n")[0].split()) == summary, f"{name}: COMMANDS holds another summary than its help"
 
 
-@pytest.mark.parametrize("argv, loaded", [(["--help"], set()), (["data", "synth", "--help"], {"kdas.data.commands"})])
+@pytest.mark.parametrize("argv, loaded", [(["--help"], set()), (["data", "synth", "--help"], {"kdas.commands.data"})])
 def test_a_command_imports_its_own_module_alone(argv: list[str], loaded: set[str]) -> None:
     """What the static reading assumes, at run time: `kdas X` imports X's module and no other
     command's (`kdas --help` none)."""
@@ -319,14 +319,14 @@ def test_a_command_imports_its_own_module_alone(argv: list[str], loaded: set[str
     commands = {target.split(":")[0] for target, _ in COMMANDS.values()}
     assert modules & commands == loaded
     if "data" in argv:  # the synth stage's command: no model, tracking or export code
-        assert not {m for m in modules if m.startswith(("kdas.models", "kdas.tracking", "kdas.training", "kdas.export", "torch"))}
+        assert not {m for m in modules if m.startswith(("kdas.models", "kdas.tracking", "kdas.training", "kdas.serving.export", "torch"))}
 
 
 # ------------------------------------------------------------------------- DVC itself: an edit re-runs the stages that run it alone
 
 
-MODEL_CODE = ("kdas/models/", "kdas/training/", "kdas/tracking/", "kdas/commands/", "kdas/export.py", "kdas/onnx_runtime.py", "kdas/inference.py",
-              "kdas/checkpoint.py", "kdas/training/losses.py")
+MODEL_CODE = ("kdas/models/", "kdas/training/", "kdas/tracking/", "kdas/serving/", "kdas/evaluation/", "kdas/commands/train.py",
+              "kdas/commands/register.py", "kdas/commands/export.py", "kdas/checkpoint.py")
 
 
 def test_the_synth_stage_lists_no_model_tracking_or_export_code() -> None:

@@ -10,9 +10,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, make_dataset, tool_environ
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -204,13 +203,13 @@ def test_against_another_store_the_flow_promotes_this_workspaces_model_never_tha
     kdas-student version 1, the numbers this workspace's records (from its own store) name. Run
     against S with every stage up to date in DVC, `kdas promote` refuses in one line, and the
     flow registers this workspace's models again and promotes those, never S's version 1."""
+    from helpers import SERVE, kdas_cli
+
     from kdas.checkpoint import save_model
     from kdas.io import file_sha256
     from kdas.models import create_model
     from kdas.tracking.registry import register_model
     from pipelines.retrain import retrain
-
-    from helpers import SERVE, kdas_cli
 
     store = tmp_path / "other-store.db"
     shutil.copy(mlflow_template_db, store)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
-
 from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, tool_environ
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 

@@ -14,16 +14,34 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 from botocore.exceptions import EndpointConnectionError  # moto's, in the test extra
+from helpers import (
+    MLFLOW_SERVER_QUIET,
+    ROOT,
+    free_port,
+    start_mlflow_server,
+    stop,
+    tiny_teacher_project,
+    tool_environ,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from helpers import MLFLOW_SERVER_QUIET, ROOT, free_port, start_mlflow_server, stop, tiny_teacher_project, tool_environ
-from kdas.tracking.runs import (BOUNDED_HTTP, PARENT_RUN_ENV, TrainingLog, log_artifacts, log_data_lineage, log_dict, log_metrics, model_run,
-                               pipeline_run, stage_run)
+import mlflow
+from kdas.tracking.runs import (
+    BOUNDED_HTTP,
+    PARENT_RUN_ENV,
+    TrainingLog,
+    log_artifacts,
+    log_data_lineage,
+    log_dict,
+    log_metrics,
+    model_run,
+    pipeline_run,
+    stage_run,
+)
 from kdas.tracking.store import EXPERIMENT_ENV, store_error, tracking_uri
 
 

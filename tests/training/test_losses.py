@@ -7,10 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import disc_mask, extreme_logits, extreme_masks
-from kdas.training.losses import box_mean, boundary_weight, structure_loss, structure_term
 
+from kdas.training.losses import (
+    boundary_weight,
+    box_mean,
+    structure_loss,
+    structure_term,
+)
 
 # ---- structure loss ------------------------------------------------------------------------
 

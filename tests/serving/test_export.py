@@ -1,4 +1,4 @@
-"""ONNX export, int8 quantisation and onnxruntime inference (kdas.export, kdas.onnx_runtime, `kdas export`,
+"""ONNX export, int8 quantisation and onnxruntime inference (kdas.serving.export, kdas.serving.onnx_runtime, `kdas export`,
 `kdas predict --model X.onnx`, the ONNX artifact of a registered version, a full disk)."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import DATASETS, SERVE, kdas_cli, tool_environ
 from PIL import Image
 
-from helpers import DATASETS, SERVE, kdas_cli, tool_environ
-from kdas import export, onnx_runtime
 from kdas.checkpoint import save_model
-from kdas.data.synth import synth_frame
 from kdas.cli import main
-from kdas.inference import Segmenter
+from kdas.data.synth import synth_frame
 from kdas.models import create_model
+from kdas.serving import export, onnx_runtime
+from kdas.serving.inference import Segmenter
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # each ONNX export takes seconds
 
@@ -248,8 +248,7 @@ def test_export_refuses_an_output_that_is_not_onnx(tiny, tmp_path):
 
 def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(tiny, mlflow_store):
     import mlflow
-
-    from kdas.codec import decode_mask, encode_image
+    from kdas.serving.codec import decode_mask, encode_image
     from kdas.tracking.registry import register_model
 
     model_file, onnx_file = tiny

@@ -31,7 +31,7 @@ class Evidence:
 
     version: str
     score: float | None
-    data: str | None  # e.g. "cvc-colondb,kvasir-seg@3f2a..." (kdas.evaluation.evaluation_data_id)
+    data: str | None  # e.g. "cvc-colondb,kvasir-seg@3f2a..." (kdas.evaluation.evaluate.evaluation_data_id)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdas.config import GateParams
-from kdas.promotion import Evidence, decide, metric_tags
+from kdas.tracking.promotion import Evidence, decide, metric_tags
 
 GATE = GateParams(metric="meanDic", margin=0.01, floor=0.2)
 A, B = "kvasir-seg@aaaaaaaaaaaa", "kvasir-seg@bbbbbbbbbbbb"

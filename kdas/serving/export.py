@@ -11,7 +11,7 @@
   with onnxruntime, calibrated on `images`; ``calibration_images(manifest, ...)`` draws
   them from the manifest's ``train`` split only, never from a test set.
 
-Running the file is kdas.onnx_runtime's (no torch); torch is imported inside the export functions.
+Running the file is kdas.serving.onnx_runtime's (no torch); torch is imported inside the export functions.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from kdas.onnx_runtime import FORMAT, INPUT, META, OUTPUTS, network_input, read_metadata
+from kdas.serving.onnx_runtime import (
+    FORMAT,
+    INPUT,
+    META,
+    OUTPUTS,
+    network_input,
+    read_metadata,
+)
 
 OPSET = 18  # onnxruntime >= 1.16 runs it on CPU and CUDA
 
@@ -181,7 +188,12 @@ def quantize_int8(fp32: str | Path, out: str | Path, images: Sequence[np.ndarray
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from kdas.io import atomic_path

@@ -1,7 +1,7 @@
 """`kdas evaluate`: a model on every test set of the manifest, scored by the standard
 protocol, plus its efficiency on the device used, plots and a picture grid.
 
-Maps are scored under both preparations of kdas.inference: `calibrated` (what the model
+Maps are scored under both preparations of kdas.serving.inference: `calibrated` (what the model
 outputs when deployed: metrics.json's "datasets", the plots and the promotion gate) and
 `published` (as the official test scripts prepare them: metrics.json's "published", the
 one to compare with papers).
@@ -34,18 +34,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from kdas.data.manifest import data_id  # noqa: E402
-from kdas.inference import Segmenter  # noqa: E402
-from kdas.maps import PREPARATIONS, THRESHOLD, prepare  # noqa: E402
+from kdas.evaluation.metrics import Evaluator  # noqa: E402
 from kdas.io import atomic_path, binarise, read_mask, read_rgb, write_text  # noqa: E402
-from kdas.progress import Progress  # noqa: E402
-from kdas.metrics import Evaluator  # noqa: E402
+from kdas.maps import PREPARATIONS, THRESHOLD, prepare  # noqa: E402
 from kdas.models import count_macs, count_parameters  # noqa: E402
+from kdas.progress import Progress  # noqa: E402
+from kdas.serving.inference import Segmenter  # noqa: E402
 
 log = logging.getLogger(__name__)
 

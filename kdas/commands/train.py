@@ -81,7 +81,8 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
     from kdas.models.registry import check_weights
     from kdas.tracking.runs import TrainingLog, bound_http_waits, stage_run
     from kdas.tracking.store import masked, tracking_uri
-    from kdas.training import TrainJob, train as run_train
+    from kdas.training import TrainJob
+    from kdas.training import train as run_train
 
     params = params_of(ctx)
     if params.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:

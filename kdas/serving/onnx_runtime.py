@@ -1,7 +1,7 @@
 """An exported kdas model on onnxruntime, without PyTorch: a deployment needs onnxruntime,
-numpy and OpenCV only (kdas.export makes the file).
+numpy and OpenCV only (kdas.serving.export makes the file).
 
-``OnnxSegmenter``: the same images-in, maps-out contract as ``kdas.inference.Segmenter``
+``OnnxSegmenter``: the same images-in, maps-out contract as ``kdas.serving.inference.Segmenter``
 (resize to the input size, logits upsampled bilinearly to each image's size, then
 prepared). ``read_metadata``: the model's description that travels in the ONNX metadata
 (``kdas.*`` keys).
@@ -110,7 +110,7 @@ def network_input(images: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 class OnnxSegmenter:
-    """``kdas.inference.Segmenter`` on onnxruntime: HxWx3 uint8 images in, HxW maps out."""
+    """``kdas.serving.inference.Segmenter`` on onnxruntime: HxWx3 uint8 images in, HxW maps out."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None):
         self.path = Path(path)

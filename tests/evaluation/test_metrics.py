@@ -1,4 +1,4 @@
-"""kdas.metrics: the UACANet/PraNet evaluation protocol, checked against shared test vectors;
+"""kdas.evaluation.metrics: the UACANet/PraNet evaluation protocol, checked against shared test vectors;
 `kdas metrics`'s errors, one line each."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import SHARED, kdas_cli, make_dataset, png_declaring
 from PIL import Image
 
-from helpers import SHARED, kdas_cli, make_dataset, png_declaring
-from kdas.metrics import (
+from kdas.evaluation.metrics import (
     THRESHOLDS,
     Evaluator,
     MetricsInputError,
