@@ -378,11 +378,12 @@ def test_an_exporter_or_predict_help_edit_leaves_the_teacher_up_to_date(project:
     committed_without_running(project, ("synth", "manifest", "validate", "train_teacher"))
     assert changed(project) == set()
 
-    (project / "kdas" / "export.py").write_text((project / "kdas" / "export.py").read_text() + "# an edit of the exporter\n")
+    exporter = project / "kdas" / "serving" / "export.py"
+    exporter.write_text(exporter.read_text() + "# an edit of the exporter\n")
     edit(project / "kdas" / "commands" / "predict.py", "runs on onnxruntime, without PyTorch.", "runs on onnxruntime alone.")
     assert changed(project) == set()  # neither the teacher nor the synthetic data is stale
 
     # the same check sees an edit of code the stage runs: the reading above is no blind one
-    path = project / "kdas" / "training" / "command.py"
+    path = project / "kdas" / "commands" / "train.py"
     path.write_text(path.read_text() + "# an edit of the training command\n")
     assert changed(project) == {"train_teacher"}
