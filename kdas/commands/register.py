@@ -25,7 +25,6 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     """
     from kdas.io import file_sha256, write_text
     from kdas.tracking.registry import register_model
-    from kdas.tracking.store import masked, tracking_uri
 
     params = params_of(ctx)
     model_file = model_file or Path("models") / role / "best.pt"
@@ -40,7 +39,6 @@ def register(ctx: click.Context, role: str, model_file: Path | None, metrics_fil
     out = out or REPORTS / "register" / f"{role}.json"
     # what `kdas promote` checks the store's version against: a number alone names no model
     write_text(out, json.dumps({"name": version.name, "version": version.version, "run_id": version.run_id, "model_uri": version.model_uri,
-                                "model_file": str(model_file), "sha256": file_sha256(model_file), "tracking_uri": masked(tracking_uri())},
-                               indent=2))
+                                "model_file": str(model_file), "sha256": file_sha256(model_file)}, indent=2))
     again = " (this model file was registered before: no new version)" if version.existed else ""
     click.echo(f"registered {version.model_uri}{again} (alias challenger); promote it with `kdas promote --role {role}`")
