@@ -140,11 +140,15 @@ def resized(batch: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=True, antialias=size < batch.shape[-1])
 
 
+def frames_to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A uint8 batch of frames to float on `device`, in [0, 1] and channels_last (what the
+    convolutions run fastest on, CPU and GPU)."""
+    return images.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+
+
 def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 batches from the loader to float on `device`: images in [0, 1] and channels_last
-    (what the convolutions run fastest on, CPU and GPU), masks {0, 1}."""
-    images = images.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
-    return images, masks.to(device, non_blocking=True).float()
+    """uint8 batches from the loader to float on `device`: frames_to_device, masks {0, 1}."""
+    return frames_to_device(images, device), masks.to(device, non_blocking=True).float()
 
 
 def _val_maps(model: torch.nn.Module, data: PolypDataset, device: torch.device, batch_size: int, amp: bool, desc: str):
@@ -294,7 +298,7 @@ class Trainer:
             data_time += time.perf_counter() - tick
             with record_function("copy"):
                 images, masks = to_device(images, masks, self.device)
-                view = [to_device(v, masks, self.device)[0] for v in view]
+                view = [frames_to_device(v, self.device) for v in view]
             for scale in p.multiscale:
                 # at scale 1 the student trains on the loader's tensors as they are (resized from
                 # the original frame as evaluation resizes the test frames); other scales resize
