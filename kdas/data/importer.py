@@ -109,6 +109,9 @@ def find_datasets(root: Path, root_label: str) -> list[FoundDataset]:
     for folder in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
         if any(part.startswith((".", "__MACOSX")) for part in folder.relative_to(root).parts):
             continue
+        # a linked folder is another name for data found elsewhere: it imported it twice
+        if any((root / Path(*folder.relative_to(root).parts[: k + 1])).is_symlink() for k in range(len(folder.relative_to(root).parts))):
+            continue
         for img_name, mask_name in PAIR_FOLDERS:
             if (folder / img_name).is_dir() and (folder / mask_name).is_dir():
                 name = _derive_name(folder, root, root_label) or ""

@@ -98,7 +98,12 @@ def list_pairs(raw_root: Path, dataset: str) -> list[tuple[str, str, str]]:
         d = folder / sub
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: missing; a dataset folder holds images/ and masks/")
-        found = {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        found: dict[str, Path] = {}
+        for p in sorted(d.iterdir()):
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                if p.stem in found:  # which one is the frame cannot be guessed; one was dropped silently
+                    raise ValueError(f"{p}: same id as {found[p.stem].name} (ids are file names without extension); keep one")
+                found[p.stem] = p
         for p in found.values():  # a link to /dev/zero would be read forever, a FIFO block the reader
             if (why := unreadable_name(p)) is not None:
                 raise ValueError(why)

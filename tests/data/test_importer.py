@@ -361,6 +361,13 @@ def test_a_file_name_that_is_not_utf8_is_refused_at_import_naming_it(tmp_path):
     assert left_in(tmp_path / "raw") == []
 
 
+def test_a_linked_folder_in_a_release_is_not_imported_twice(tmp_path):
+    src = make_dataset(tmp_path / "release" / "kvasir", n=2)
+    (tmp_path / "release" / "mirror").symlink_to(src, target_is_directory=True)
+    written = import_dataset(tmp_path / "release", tmp_path / "raw", track=False, max_nonbinary=MAX_NONBINARY)
+    assert [p.name for p in written] == ["kvasir-seg"] and left_in(tmp_path / "raw") == ["kvasir-seg"]
+
+
 def test_every_problem_of_a_release_in_one_error_and_nothing_written(tmp_path):
     src = make_dataset(tmp_path / "TestDataset" / "kvasir", n=5)
     make_dataset(tmp_path / "TestDataset" / "CVC-ColonDB", n=2)  # a good dataset of the same release

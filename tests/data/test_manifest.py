@@ -188,3 +188,10 @@ def test_a_file_name_that_is_not_utf8_in_data_raw_is_one_line_naming_it(tmp_path
     os.rename(raw / "ds" / "images" / "img01.png", raw / "ds" / "images" / (os.fsdecode(b"img\xfe") + ".png"))
     with pytest.raises(ValueError, match=r"images/img\\xfe\.png: its name is not valid UTF-8; rename it"):
         build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
+
+
+def test_two_files_of_one_id_in_data_raw_are_one_line_naming_both(tmp_path):
+    raw = make_dataset(tmp_path / "raw" / "ds", n=2).parent
+    shutil.copy(raw / "ds" / "images" / "img00.png", raw / "ds" / "images" / "img00.jpg")
+    with pytest.raises(ValueError, match=r"images/img00.png: same id as img00.jpg \(ids are file names without extension\); keep one"):
+        build_manifest(raw, ["ds"], SplitParams(0.25, 0.25, seed=1), workers=1, near_duplicate_distance=4)
