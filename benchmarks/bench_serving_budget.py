@@ -48,6 +48,7 @@ def png(width: int, height: int, seed: int | None = None) -> str:
 def log_models(root: Path) -> dict[str, str]:
     """The tiny model logged with each serving config; returns runs:/ URIs."""
     import mlflow
+
     from kdas.checkpoint import save_model
     from kdas.config import load_params, serving_limits
     from kdas.models import create_model

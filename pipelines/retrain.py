@@ -54,12 +54,7 @@ from kdas.config import Params, load_params, profile_updates, set_params  # noqa
 from kdas.io import exclusive  # noqa: E402
 from kdas.provenance import dvc_hashes  # noqa: E402
 from kdas.tracking.references import resolve_model_file  # noqa: E402
-from kdas.tracking.registry import (  # noqa: E402
-    CHAMPION,
-    RegistryError,
-    champion_metrics,
-    check_registered,
-)
+from kdas.tracking.registry import CHAMPION, RegistryError, champion_metrics, check_registered  # noqa: E402
 from kdas.tracking.runs import pipeline_run  # noqa: E402
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")

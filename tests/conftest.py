@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import MLFLOW_QUIET, ROOT, tool_environ
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -78,6 +79,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_templat
     kdas parent run or experiment from the environment, kdas's model cache in tmp_path/.cache.
     Yields the project folder. Combines with `workdir` (the same tmp_path)."""
     import mlflow
+
     from kdas.tracking.runs import PARENT_RUN_ENV
     from kdas.tracking.store import EXPERIMENT_ENV
 

@@ -12,19 +12,11 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import ROOT, set_key
 from pydantic import ValidationError
 
+from helpers import ROOT, set_key
 from kdas.cli import main
-from kdas.config import (
-    DistillParams,
-    ParamsError,
-    TeacherTraining,
-    TrainParams,
-    load_params,
-    set_params,
-    use_profile,
-)
+from kdas.config import DistillParams, ParamsError, TeacherTraining, TrainParams, load_params, set_params, use_profile
 
 
 @pytest.fixture

@@ -14,22 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import MAX_NONBINARY, ROOT, make_dataset
 from PIL import Image
 
+from helpers import MAX_NONBINARY, ROOT, make_dataset
 from kdas.data.importer import import_dataset
 from kdas.data.manifest import describe_pair
-from kdas.io import (
-    FolderBusyError,
-    MaskReadError,
-    atomic_dir,
-    atomic_path,
-    binarise,
-    folder_lock,
-    nonbinary_fraction,
-    read_mask,
-    write_text,
-)
+from kdas.io import FolderBusyError, MaskReadError, atomic_dir, atomic_path, binarise, folder_lock, nonbinary_fraction, read_mask, write_text
 
 # a writer that dies (SIGKILL) half-way: what it leaves is what a killed import or save leaves
 WRITER = textwrap.dedent("""\

@@ -11,17 +11,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED, distill_params, tool_environ
 
+from helpers import SHARED, distill_params, tool_environ
 from kdas.checkpoint import load_model, save_model
-from kdas.config import (
-    RoleModel,
-    SplitParams,
-    SynthParams,
-    TrainParams,
-    load_params,
-    use_profile,
-)
+from kdas.config import RoleModel, SplitParams, SynthParams, TrainParams, load_params, use_profile
 from kdas.data.manifest import build_manifest
 from kdas.data.synth import write_synth
 from kdas.evaluation.evaluate import evaluate_model

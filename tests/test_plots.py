@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import tool_environ
 from PIL import Image
+
+from helpers import tool_environ
 
 
 @pytest.mark.slow

@@ -35,17 +35,7 @@ from tqdm import tqdm
 
 from kdas.config import DATASET_NAME
 from kdas.data.catalog import CATALOG, canonical_name
-from kdas.io import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    atomic_dir,
-    binarise,
-    nonbinary_fraction,
-    open_image,
-    pid_alive,
-    read_mask,
-    unreadable_name,
-)
+from kdas.io import IMAGE_EXTENSIONS, ImageReadError, atomic_dir, binarise, nonbinary_fraction, open_image, pid_alive, read_mask, unreadable_name
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kdas.serving.onnx_runtime import (
-    FORMAT,
-    INPUT,
-    META,
-    OUTPUTS,
-    network_input,
-    read_metadata,
-)
+from kdas.serving.onnx_runtime import FORMAT, INPUT, META, OUTPUTS, network_input, read_metadata
 
 OPSET = 18  # onnxruntime >= 1.16 runs it on CPU and CUDA
 
@@ -188,12 +181,7 @@ def quantize_int8(fp32: str | Path, out: str | Path, images: Sequence[np.ndarray
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from kdas.io import atomic_path

@@ -12,18 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
-import mlflow
-from kdas.tracking.store import (
-    MODEL_FILE_ARTIFACT,
-    get_client,
-    local_store,
-    masked,
-    tracking_uri,
-)
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, local_store, masked, tracking_uri
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # scheme:/... (a 2+ letter scheme: no C:\ drive)
 

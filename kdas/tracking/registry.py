@@ -19,33 +19,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from kdas.config import GateParams, check_serving_config
 from kdas.io import file_sha256
 from kdas.provenance import flatten, git_tags, lineage_tags
-from kdas.tracking.promotion import (
-    CHALLENGER,
-    CHAMPION,
-    METRIC_TAG,
-    Decision,
-    Evidence,
-    decide,
-    metric_tags,
-)
+from kdas.tracking.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
 from kdas.tracking.runs import log_metrics, model_run
 from kdas.tracking.served import log_segmenter
-from kdas.tracking.store import (
-    MODEL_FILE_ARTIFACT,
-    get_client,
-    masked,
-    project_dir,
-    tracking_uri,
-)
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, masked, project_dir, tracking_uri
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file

@@ -14,19 +14,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from kdas.provenance import flatten, git_tags, lineage_tags, system_tags
-from kdas.tracking.store import (
-    check_reachable,
-    ensure_experiment,
-    get_client,
-    masked,
-    project_dir,
-    tracking_uri,
-)
+from kdas.tracking.store import check_reachable, ensure_experiment, get_client, masked, project_dir, tracking_uri
 
 log = logging.getLogger(__name__)
 

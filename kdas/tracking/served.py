@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -17,16 +18,8 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
-import mlflow
 from kdas.config import check_serving_config
-from kdas.serving.codec import (
-    BadImage,
-    check_header,
-    decode,
-    encode_image,
-    image_bytes,
-    png_base64,
-)
+from kdas.serving.codec import BadImage, check_header, decode, encode_image, image_bytes, png_base64
 from kdas.tracking.runs import _require_run
 from kdas.tracking.store import MODEL_FILE_ARTIFACT
 

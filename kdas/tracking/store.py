@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from kdas.io import unreachable
 
 EXPERIMENT_ENV = "KDAS_EXPERIMENT"

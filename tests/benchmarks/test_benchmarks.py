@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import DATASETS, ROOT, SHARED
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 import torch
-from helpers import make_dataset
 
+from helpers import make_dataset
 from kdas.config import SplitParams, SynthParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.data.manifest import build_manifest

@@ -10,8 +10,8 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from helpers import MAX_NONBINARY, free_port, left_in, write_pair
 
+from helpers import MAX_NONBINARY, free_port, left_in, write_pair
 from kdas.data import catalog
 from kdas.data.fetch import FetchError, fetch
 from kdas.data.importer import import_dataset

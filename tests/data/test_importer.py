@@ -14,18 +14,9 @@ import zipfile
 import numpy as np
 import pytest
 import tifffile
-from helpers import (
-    DATASETS,
-    MAX_NONBINARY,
-    kdas_cli,
-    left_in,
-    make_dataset,
-    png_declaring,
-    tool_environ,
-    write_pair,
-)
 from PIL import Image
 
+from helpers import DATASETS, MAX_NONBINARY, kdas_cli, left_in, make_dataset, png_declaring, tool_environ, write_pair
 from kdas.data.importer import ImportError_, import_dataset, safe_extract
 from kdas.data.manifest import describe_pair
 from kdas.io import read_mask, read_rgb

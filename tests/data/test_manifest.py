@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from helpers import make_dataset, png_declaring, write_pair
 from PIL import Image
 
+from helpers import make_dataset, png_declaring, write_pair
 from kdas.config import SplitParams, load_params
 from kdas.data.manifest import build_manifest, read_manifest, write_manifest
 from kdas.data.validation import validate_manifest, write_report

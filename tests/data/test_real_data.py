@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import DATASETS, MAX_NONBINARY
 
+from helpers import DATASETS, MAX_NONBINARY
 from kdas.config import load_params
 from kdas.data.importer import import_dataset
 from kdas.data.manifest import build_manifest

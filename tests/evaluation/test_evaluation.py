@@ -5,16 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from kdas.evaluation.evaluate import (
-    FN_COLOUR,
-    FP_COLOUR,
-    TP_COLOUR,
-    _plot_curves,
-    _plot_grid,
-    error_at,
-    overlay,
-    plot_comparison,
-)
+from kdas.evaluation.evaluate import FN_COLOUR, FP_COLOUR, TP_COLOUR, _plot_curves, _plot_grid, error_at, overlay, plot_comparison
 
 
 def test_error_does_not_punish_a_correct_empty_frame():

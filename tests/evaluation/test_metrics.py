@@ -10,18 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import SHARED, kdas_cli, make_dataset, png_declaring
 from PIL import Image
 
-from kdas.evaluation.metrics import (
-    THRESHOLDS,
-    Evaluator,
-    MetricsInputError,
-    evaluate_folders,
-    image_scores,
-    read_ground_truth,
-    read_prediction,
-)
+from helpers import SHARED, kdas_cli, make_dataset, png_declaring
+from kdas.evaluation.metrics import THRESHOLDS, Evaluator, MetricsInputError, evaluate_folders, image_scores, read_ground_truth, read_prediction
 
 VECTORS = SHARED / "metric-vectors"
 EPS = np.finfo(np.float64).eps

@@ -14,14 +14,7 @@ from click.testing import CliRunner
 
 from kdas.checkpoint import load_model, save_model
 from kdas.cli import main
-from kdas.models import (
-    LoadReport,
-    count_macs,
-    count_parameters,
-    create_model,
-    list_models,
-    load_backbone_weights,
-)
+from kdas.models import LoadReport, count_macs, count_parameters, create_model, list_models, load_backbone_weights
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-from helpers import ROOT, TINY, dvc_project, tool_environ
 
+from helpers import ROOT, TINY, dvc_project, tool_environ
 from kdas.cli import COMMANDS, main
 from kdas.training.methods import NONE
 

@@ -10,8 +10,9 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, make_dataset, tool_environ
 from PIL import Image
+
+from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, make_dataset, tool_environ
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +205,6 @@ def test_against_another_store_the_flow_promotes_this_workspaces_model_never_tha
     against S with every stage up to date in DVC, `kdas promote` refuses in one line, and the
     flow registers this workspace's models again and promotes those, never S's version 1."""
     from helpers import SERVE, kdas_cli
-
     from kdas.checkpoint import save_model
     from kdas.io import file_sha256
     from kdas.models import create_model

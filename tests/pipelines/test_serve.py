@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT, free_port, stop, wait_for_http
 
 PREFECT = Path(sys.executable).parent / "prefect"

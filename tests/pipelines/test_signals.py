@@ -15,8 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, tool_environ
 from mlflow.tracking import MlflowClient
+
+from helpers import MLFLOW_QUIET, ROOT, TINY, dvc_project, tool_environ
 
 pytestmark = pytest.mark.slow
 

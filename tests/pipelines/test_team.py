@@ -21,9 +21,9 @@ import boto3
 import psutil
 import pytest
 import yaml
-from helpers import MLFLOW_QUIET, ROOT, TINY, set_key, stop, tool_environ
 from mlflow.tracking import MlflowClient
 
+from helpers import MLFLOW_QUIET, ROOT, TINY, set_key, stop, tool_environ
 from pipelines.stack import BUCKET, S3_KEY_ID, S3_REGION, S3_SECRET, TeamStack
 
 pytestmark = [pytest.mark.team, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import DATASETS, SERVE, kdas_cli, tool_environ
 from PIL import Image
 
+from helpers import DATASETS, SERVE, kdas_cli, tool_environ
 from kdas.checkpoint import save_model
 from kdas.cli import main
 from kdas.data.synth import synth_frame
@@ -248,6 +248,7 @@ def test_export_refuses_an_output_that_is_not_onnx(tiny, tmp_path):
 
 def test_the_registered_version_carries_the_onnx_file_and_serves_on_onnxruntime(tiny, mlflow_store):
     import mlflow
+
     from kdas.serving.codec import decode_mask, encode_image
     from kdas.tracking.registry import register_model
 

@@ -4,9 +4,9 @@ MLflow store behind; an image past validation.max_size is refused before it is d
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import kdas_cli
 from PIL import Image
 
+from helpers import kdas_cli
 from kdas.cli import main
 
 
@@ -70,7 +70,6 @@ def test_predict_outside_a_project_keeps_a_9000_px_square_png_under_3_gb(tmp_pat
     import sys
 
     from helpers import tool_environ
-
     from kdas.checkpoint import save_model
     from kdas.models import create_model
 

@@ -19,23 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import (
-    MLFLOW_SERVER_QUIET,
-    ROOT,
-    SERVE,
-    free_port,
-    kdas_cli,
-    start_mlflow_server,
-    stop,
-)
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
-import mlflow
+from helpers import MLFLOW_SERVER_QUIET, ROOT, SERVE, free_port, kdas_cli, start_mlflow_server, stop
 from kdas.checkpoint import load_model, save_model
 from kdas.config import GateParams, SplitParams, SynthParams
 from kdas.data.manifest import build_manifest, data_id
@@ -44,14 +36,7 @@ from kdas.evaluation.evaluate import evaluate_model
 from kdas.models import create_model
 from kdas.serving.inference import Segmenter
 from kdas.tracking.references import resolve_model_file
-from kdas.tracking.registry import (
-    RegistryError,
-    champion_metrics,
-    promote,
-    register_model,
-    rollback,
-    version_summary,
-)
+from kdas.tracking.registry import RegistryError, champion_metrics, promote, register_model, rollback, version_summary
 from kdas.tracking.runs import MODEL_TAG, PARENT_RUN_ENV, stage_run
 from kdas.tracking.store import EXPERIMENT_ENV
 

@@ -14,22 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from botocore.exceptions import EndpointConnectionError  # moto's, in the test extra
-from helpers import (
-    MLFLOW_SERVER_QUIET,
-    ROOT,
-    free_port,
-    start_mlflow_server,
-    stop,
-    tiny_teacher_project,
-    tool_environ,
-)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
+from helpers import MLFLOW_SERVER_QUIET, ROOT, free_port, start_mlflow_server, stop, tiny_teacher_project, tool_environ
 from kdas.tracking.runs import (
     BOUNDED_HTTP,
     PARENT_RUN_ENV,

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-from helpers import MLFLOW_QUIET, PARAMS, SERVE, free_port, stop, wait_for_http
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from helpers import MLFLOW_QUIET, PARAMS, SERVE, free_port, stop, wait_for_http
 from kdas.checkpoint import save_model
 from kdas.config import GateParams, check_serving_config
 from kdas.models import create_model

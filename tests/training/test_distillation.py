@@ -9,8 +9,8 @@ import importlib
 
 import pytest
 import torch
-from helpers import DATASETS, PARAMS, distill_params, extreme_logits, extreme_masks
 
+from helpers import DATASETS, PARAMS, distill_params, extreme_logits, extreme_masks
 from kdas.checkpoint import ModelFile
 from kdas.config import ParamsError
 from kdas.data.transforms import to_tensor

@@ -7,14 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import disc_mask, extreme_logits, extreme_masks
 
-from kdas.training.losses import (
-    boundary_weight,
-    box_mean,
-    structure_loss,
-    structure_term,
-)
+from helpers import disc_mask, extreme_logits, extreme_masks
+from kdas.training.losses import boundary_weight, box_mean, structure_loss, structure_term
 
 # ---- structure loss ------------------------------------------------------------------------
 

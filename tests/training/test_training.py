@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-from helpers import distill_params, tiny_teacher_project, tool_environ
 
+from helpers import distill_params, tiny_teacher_project, tool_environ
 from kdas.checkpoint import load_model, save_model
 from kdas.config import RoleModel, SplitParams, SynthParams, TrainParams
 from kdas.data.dataset import PolypDataset

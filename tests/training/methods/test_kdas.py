@@ -9,13 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdas.training.methods.kdas import (
-    FLAT,
-    Attention,
-    attention_supervision,
-    centred,
-    refined_map,
-)
+from kdas.training.methods.kdas import FLAT, Attention, attention_supervision, centred, refined_map
 
 TAU = 2.0
 STRIDE = 8
