@@ -86,8 +86,11 @@ def workspace_lock(workspace: Path) -> contextlib.AbstractContextManager[None]:
 
 
 def _env() -> dict[str, str]:
-    """kdas and dvc from this interpreter's environment, whatever PATH says."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """kdas and dvc from this interpreter's environment, whatever PATH says; MLflow's
+    per-download progress bars off (each stage's output is the flow's log: they were 24
+    lines of a main job, each twice), unless the caller set them."""
+    return {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def _run(cmd: list[str], workspace: Path) -> list[str]:
