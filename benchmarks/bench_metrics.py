@@ -1,8 +1,8 @@
 """Benchmark: vectorised threshold curves in kdas.evaluation.metrics vs a straightforward per-threshold loop.
 
 The loop below is the reference way the protocol is usually written (re-binarise the whole
-image at each of the 256 thresholds, count, compute the E-measure pixel by pixel). It lives
-here only, as the baseline. Inputs: the 16 metric-vectors pairs and, if ../shared/datasets
+image at each of the 256 thresholds, count, compute the E-measure pixel by pixel): the
+baseline here and the oracle of tests/evaluation/test_metrics.py. Inputs: the 16 metric-vectors pairs and, if ../shared/datasets
 exists, some real masks (Kvasir-SEG, CVC-ColonDB, native size) with synthetic degraded
 predictions, both quantised to 8 bits (png/255, the protocol's input) and as raw floats.
 Prints images, loop seconds, vectorised seconds, speed-up and the largest absolute

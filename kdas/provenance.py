@@ -4,9 +4,11 @@ pipelines/ reads them too, instead of parsing dvc.lock itself."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,22 @@ def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict
         else:
             flat[name] = value
     return flat
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Nested metrics flattened to ``{"<set>/<metric>": number}``; what is not a finite number
+    is dropped with a warning (MLflow would store NaN as a score and the gate compare it)."""
+    clean: dict[str, float] = {}
+    for key, value in flatten(metrics, sep="/").items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            warnings.warn(f"metric {key}={value!r} is not a finite number: dropped", stacklevel=3)
+            continue
+        clean[key] = number
+    return clean
 
 
 def safe_key(key: str) -> str:

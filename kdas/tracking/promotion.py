@@ -10,14 +10,12 @@ content). A number from other data never decides.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kdas.config import GateParams
-from kdas.provenance import flatten, safe_key
+from kdas.provenance import finite_metrics, safe_key
 
 METRIC_TAG = "metric."  # version tags holding the evaluation metrics
 # the registry's aliases: what serves (models:/NAME@champion) and what waits for the gate
@@ -83,16 +81,7 @@ def metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     mean over the sets becomes ``metric.<metric>`` (the promotion gate's score) unless the
     caller gave that key itself. Non-finite values are dropped with a warning.
     """
-    values: dict[str, float] = {}
-    for key, value in flatten(metrics, sep="/").items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number):
-            warnings.warn(f"metric {key}={value!r} is not a finite number: not recorded", stacklevel=3)
-            continue
-        values[key] = number
+    values = finite_metrics(metrics)
     per_metric: dict[str, list[float]] = {}
     for key, number in values.items():
         if "/" in key:

@@ -17,7 +17,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
-from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, local_store, masked, tracking_uri
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, local_store, masked, read_mlmodel, tracking_uri
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # scheme:/... (a 2+ letter scheme: no C:\ drive)
 
@@ -62,7 +62,7 @@ def resolve_model_file(ref: str | Path, cache_dir: str | Path | None = None) -> 
     try:
         # the storage location first: it pins the version an alias points at right now
         base = ModelsArtifactRepository.get_underlying_uri(uri) if uri.startswith("models:/") else uri
-        spec = yaml.safe_load(mlflow.artifacts.load_text(f"{base}/MLmodel"))
+        spec = read_mlmodel(base)
     except MlflowException as exc:
         raise FileNotFoundError(f"{uri}: no such MLflow model in {masked(tracking_uri())} ({exc.message})") from None
     except yaml.YAMLError as exc:

@@ -31,7 +31,7 @@ from kdas.provenance import flatten, git_tags, lineage_tags
 from kdas.tracking.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
 from kdas.tracking.runs import log_metrics, model_run
 from kdas.tracking.served import log_segmenter
-from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, masked, project_dir, tracking_uri
+from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, masked, project_dir, read_mlmodel, tracking_uri
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
@@ -212,7 +212,7 @@ def check_files(name: str, version: str) -> None:
     base = None
     try:
         base = ModelsArtifactRepository.get_underlying_uri(f"models:/{name}/{version}")
-        spec = yaml.safe_load(mlflow.artifacts.load_text(f"{base}/MLmodel"))
+        spec = read_mlmodel(base)
         artifacts = spec["flavors"]["python_function"].get("artifacts", {})
         stored: dict[str, int | None] = {}
         for folder in {entry["path"].rpartition("/")[0] for entry in artifacts.values()}:

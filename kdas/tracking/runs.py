@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 
-from kdas.provenance import flatten, git_tags, lineage_tags, system_tags
+from kdas.provenance import finite_metrics, flatten, git_tags, lineage_tags, system_tags
 from kdas.tracking.store import check_reachable, ensure_experiment, get_client, masked, project_dir, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -156,24 +154,9 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, *, model_id
     skipped with a warning (MLflow would store them, and they would poison comparisons).
     `model_id` and `dataset` attach them to a logged model and an evaluation dataset."""
     _require_run()
-    clean = _numbers(metrics)
+    clean = finite_metrics(metrics)
     if clean:
         mlflow.log_metrics(clean, step=step, model_id=model_id, dataset=dataset)
-    return clean
-
-
-def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    clean: dict[str, float] = {}
-    for key, value in flatten(metrics, sep="/").items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            warnings.warn(f"metric {key}={value!r} is not a number: not logged", stacklevel=2)
-            continue
-        if not math.isfinite(number):
-            warnings.warn(f"metric {key}={number} is not finite: not logged", stacklevel=2)
-            continue
-        clean[key] = number
     return clean
 
 
@@ -203,7 +186,7 @@ class TrainingLog:
 
     def __call__(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        self.metrics += [Metric(key, value, now, step or 0) for key, value in _numbers(metrics).items()]
+        self.metrics += [Metric(key, value, now, step or 0) for key, value in finite_metrics(metrics).items()]
         self.waiting.append(f"epoch {step}" if step is not None else "the final metrics")
         self._send(self.waiting[-1])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -17,6 +18,12 @@ EXPERIMENT_ENV = "KDAS_EXPERIMENT"
 DEFAULT_EXPERIMENT = "kdas"
 STORE_DIR = "mlflow"  # relative to the project (the working directory)
 MODEL_FILE_ARTIFACT = "model_file"  # the kdas model file's name among a logged model's artifacts
+
+
+def read_mlmodel(base: str) -> dict:
+    """The MLmodel spec of the logged model at artifact URI `base` (MlflowException when it is
+    not there, yaml.YAMLError when it does not parse)."""
+    return yaml.safe_load(mlflow.artifacts.load_text(f"{base}/MLmodel"))
 # MLflow 3 opens an experiment in its GenAI view unless told this is model training
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 

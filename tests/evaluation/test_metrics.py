@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from bench_metrics import loop_curves  # the protocol written naively, the benchmark's baseline too
 from helpers import SHARED, kdas_cli, make_dataset, png_declaring
 from kdas.evaluation.metrics import THRESHOLDS, Evaluator, MetricsInputError, evaluate_folders, image_scores, read_ground_truth, read_prediction
 
 VECTORS = SHARED / "metric-vectors"
-EPS = np.finfo(np.float64).eps
 
 
 def _save(path: Path, array: np.ndarray) -> Path:
@@ -81,27 +81,6 @@ def test_curves_and_per_image_shape(vectors):
 # ----------------------------------------------------------------------------- vectorisation
 
 
-def _reference_curves(pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
-    """The protocol written naively: binarise at each threshold, count pixels."""
-    n, n_fg = gt.size, gt.sum()
-    out = {k: np.zeros(256) for k in ("dice", "iou", "sen", "spe", "em")}
-    for i, t in enumerate(THRESHOLDS):
-        b = pred >= t
-        tp, n_pos = np.sum(b & gt), np.sum(b)
-        fn, fp = n_fg - tp, n_pos - tp
-        tn = n - n_pos - fn
-        if tp > 0:
-            out["dice"][i] = 2 * tp / (n_fg + n_pos)
-            out["iou"][i] = tp / (fn + n_pos)
-            out["sen"][i] = tp / n_fg
-            out["spe"][i] = tn / (tn + fp)
-        ap = b - b.mean()
-        ag = gt - gt.mean()
-        align = 2 * ag * ap / (ag**2 + ap**2 + EPS)
-        out["em"][i] = np.sum((align + 1) ** 2 / 4) / (n - 1 + EPS)
-    return out
-
-
 @pytest.mark.parametrize("eight_bit", [True, False], ids=["8-bit", "float"])
 def test_vectorised_curves_equal_per_threshold_loop(eight_bit):
     rng = np.random.default_rng(7)
@@ -115,7 +94,7 @@ def test_vectorised_curves_equal_per_threshold_loop(eight_bit):
     else:
         pred.flat[:256] = THRESHOLDS
     scores = image_scores(pred, gt)
-    for key, ref in _reference_curves(pred, gt).items():
+    for key, ref in loop_curves(pred, gt).items():
         np.testing.assert_allclose(getattr(scores, key), ref, rtol=0, atol=1e-12, err_msg=key)
 
 

@@ -155,9 +155,9 @@ def test_log_metrics_skips_non_finite_and_needs_a_run(mlflow_store: Path) -> Non
     with pytest.raises(RuntimeError, match="no active MLflow run"):
         log_metrics({"a": 1.0})
     with stage_run("evaluate") as run:
-        with pytest.warns(UserWarning, match="not finite"):
+        with pytest.warns(UserWarning, match="not a finite number"):
             log_metrics({"a": 1, "b": float("inf"), "c": float("nan")})
-        with pytest.warns(UserWarning, match="not a number"):
+        with pytest.warns(UserWarning, match="not a finite number"):
             log_metrics({"d": "n/a"})
         log_artifacts(_make_dir(mlflow_store), "plots")
     data = _client().get_run(run.info.run_id).data
