@@ -169,6 +169,12 @@ def _training(folder: str) -> dict:
             "train_structure": [round(v, 4) for v in history["train_structure"]]}
 
 
+def _distill(distill, method: str, overrides: dict):
+    """params.yaml's distill section running `method`, its settings with `overrides` on top."""
+    settings = {**distill.settings, method: {**distill.settings.get(method, {}), **overrides}}
+    return dataclasses.replace(distill, method=method, settings=settings)
+
+
 # -- 3: the control --------------------------------------------------------------------------
 
 
@@ -193,8 +199,7 @@ def control(results: dict) -> None:
     with tempfile.TemporaryDirectory() as out:
         histories = {}
         for method in names():
-            settings = {**params.distill.settings, method: {**params.distill.settings.get(method, {}), **({"weight": 0.0} if method != "none" else {})}}
-            distill = dataclasses.replace(params.distill, method=method, settings=settings)
+            distill = _distill(params.distill, method, {"weight": 0.0} if method != "none" else {})
             histories[method] = train(TrainJob(**job, out_dir=Path(out) / method, distill=distill)).history
     gaps = {m: max(max(abs(a[k] - b[k]) for k in ("val_meanDic", "train_structure")) for a, b in zip(histories["none"], h))
             for m, h in histories.items() if m != "none"}
@@ -240,8 +245,7 @@ def speed(results: dict) -> None:
     rates = {}
     with tempfile.TemporaryDirectory() as out:
         for method, grid in GRID.items():
-            settings = next(iter(grid.values()))
-            distill = dataclasses.replace(params.distill, method=method, settings={**params.distill.settings, method: {**params.distill.settings.get(method, {}), **settings}})
+            distill = _distill(params.distill, method, next(iter(grid.values())))
             job = TrainJob(role="student", model=params.model.student, manifest=rows, train=dataclasses.replace(params.train, epochs=2, workers=0),
                            teacher=ROOT / "models/teacher/best.pt", max_steps=10, out_dir=Path(out) / method, distill=distill)
             rates[method] = round(train(job).history[-1]["images_per_s"], 3)
