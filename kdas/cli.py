@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,11 +84,22 @@ class KdasGroup(click.Group):
             sys.exit(1)
 
 
+# an output kdas may not write: a read-only folder or disk, another user's folder, a mount point
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY)
+
+
 def _one_line(exc: Exception) -> str | None:
     """What an expected failure says in one line; None for a bug (its traceback is wanted)."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" writing {exc.filename}" if exc.filename else ""
         return f"disk full{where} (no space left on the device): free some space and run the command again; nothing half-written was kept"
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
+        from kdas.io import target_of  # (numpy, PIL: not for every command's start)
+
+        # pyarrow's OSError names the file in its text only
+        name = exc.filename or next(iter(re.findall(r"'([^']+)'", str(exc))), "the output")
+        return (f"cannot write {target_of(os.fspath(name))}: {os.strerror(exc.errno).lower()}; choose another output (--out) or "
+                "make it writable; nothing half-written was kept")
     if isinstance(exc, (ValueError, FileNotFoundError, RuntimeError)):
         return str(exc)
     store = sys.modules.get("kdas.tracking.store")  # not loaded: no MLflow call was made, no store failed

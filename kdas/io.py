@@ -72,6 +72,12 @@ def _temporary(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
+def target_of(name: str) -> str:
+    """The output a temporary sibling of _temporary stands for (any other name as it is): an
+    error names the file the user asked for."""
+    return re.sub(r"(^|/)\.([^/]+)\.\d+\.[0-9a-f]{8}\.tmp$", r"\1\2", name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path next to `path` (not yet created); rename it onto `path` on success."""
@@ -82,7 +88,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only folder) the write's own error is the one to see
+            tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
