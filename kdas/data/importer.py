@@ -26,7 +26,7 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -129,8 +129,9 @@ def check_name(name: str) -> str:
 
 def safe_extract(archive: Path, dest: Path, *, max_entries: int = MAX_ENTRIES, max_entry_bytes: int = MAX_ENTRY_BYTES,
                  max_total_bytes: int = MAX_TOTAL_BYTES) -> None:
-    """Extract a zip within limits. Entries that would land outside `dest`, links, too many
-    entries and declared sizes over the limits are refused before anything is written; bytes
+    """Extract a zip within limits. Entries that would land outside `dest`, links, a name that
+    is both a file and a folder, too many entries and declared sizes over the limits are
+    refused before anything is written; bytes
     are also counted while writing, so a header that understates a size gains nothing. A
     corrupt archive or entry is named."""
     entry = None
@@ -148,6 +149,11 @@ def safe_extract(archive: Path, dest: Path, *, max_entries: int = MAX_ENTRIES, m
                 if info.file_size > max_entry_bytes:
                     raise ImportError_(f"{archive}: entry '{info.filename}' expands to {info.file_size} bytes, "
                                        f"at most {max_entry_bytes} allowed; refusing to extract")
+            files = {PurePosixPath(info.filename) for info in infos if not info.is_dir()}
+            folders = {folder for info in infos for folder in PurePosixPath(info.filename.rstrip("/")).parents}
+            folders |= {PurePosixPath(info.filename.rstrip("/")) for info in infos if info.is_dir()}
+            if clash := sorted(files & folders):  # extracting one would fail on the other
+                raise ImportError_(f"{archive}: '{clash[0]}' is both a file and a folder in it; refusing to extract")
             declared = sum(info.file_size for info in infos)
             max_total_bytes = min(max_total_bytes, max(max_entry_bytes, MAX_RATIO * archive.stat().st_size))
             if declared > max_total_bytes:
