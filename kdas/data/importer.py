@@ -131,9 +131,8 @@ def safe_extract(archive: Path, dest: Path, *, max_entries: int = MAX_ENTRIES, m
                  max_total_bytes: int = MAX_TOTAL_BYTES) -> None:
     """Extract a zip within limits. Entries that would land outside `dest`, links, a name that
     is both a file and a folder, too many entries and declared sizes over the limits are
-    refused before anything is written; bytes
-    are also counted while writing, so a header that understates a size gains nothing. A
-    corrupt archive or entry is named."""
+    refused before anything is written; bytes are also counted while writing, so a header
+    that understates a size gains nothing. A corrupt archive or entry is named."""
     entry = None
     try:
         with zipfile.ZipFile(archive) as zf:
