@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -9,8 +10,10 @@ from urllib.parse import urlparse
 
 import mlflow
 import yaml
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
 
 from kdas.io import unreachable
 
@@ -63,7 +66,23 @@ def get_client() -> MlflowClient:
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)  # the fluent API (runs, log_model) reads the global
-    return MlflowClient(uri)
+    with _schema_lock(uri):
+        client = MlflowClient(uri)
+    _opened.add(uri)
+    return client
+
+
+_opened: set[str] = set()  # the stores this process has opened (a SQLite one: its schema is in place)
+
+
+def _schema_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock next to a SQLite store's file while this process first opens it: MLflow creates or
+    migrates the schema then, and two processes doing it at once raced (one failed: "duplicate
+    column name: step"); the next one finds the schema in place."""
+    database = make_url(uri).database if uri.startswith("sqlite:") and uri not in _opened else None
+    if not database or database == ":memory:":
+        return contextlib.nullcontext()
+    return FileLock(f"{database}.lock")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
