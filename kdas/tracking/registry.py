@@ -99,7 +99,8 @@ def register_model(
 
     `metrics`: ``{test set: {metric: value}}`` as measured on `evaluation_data` (an id from
     kdas.evaluation.evaluate). A model file registered before (same content) gets no second version:
-    the existing one is returned, with ``challenger`` pointed at it unless it is the champion.
+    the existing one is returned, with ``challenger`` pointed at it unless it is the champion
+    (two registrations at once: the later version is deleted and both return the first).
     `serving_config`: what the served version enforces, kdas.config.serving_limits
     (and optionally device, batch_size, runtime). `onnx`: log the fp32 ONNX export with the
     version (kdas.serving.export), for onnxruntime serving.
@@ -115,11 +116,7 @@ def register_model(
     sha = file_sha256(model_file)
     existing = _version_of_file(client, name, sha)
     if existing is not None:
-        if client.get_registered_model(name).aliases.get(CHAMPION) != existing.version:
-            check_files(name, existing.version)
-            client.set_registered_model_alias(name, CHALLENGER, existing.version)
-        return RegisteredVersion(name, str(existing.version), existing.run_id, f"models:/{name}/{existing.version}", existed=True,
-                                 model_id=getattr(existing, "model_id", None))
+        return _registered_before(client, name, existing)
 
     info = loaded.info
     tags = {**metric_tags(metrics), **git_tags(), **lineage_tags(project_dir()), SHA_TAG: sha, EVAL_DATA_TAG: evaluation_data,
@@ -150,10 +147,26 @@ def register_model(
                             dataset=_evaluation_dataset(dataset, evaluation_data))
             version = mlflow.register_model(logged.model_uri, name, tags=tags)
             source_run = run.info.run_id
+    first = _version_of_file(client, name, sha)
+    if first is not None and str(first.version) != str(version.version):
+        # another registration of this file ran at once (both found none): the first version
+        # stays, this one goes, so that a file is one version whatever the store
+        client.delete_model_version(name, version.version)
+        client.delete_logged_model(logged.model_id)
+        return _registered_before(client, name, first)
     client.update_model_version(name, version.version, description=_describe(name, loaded.config, info, tags, metrics))
     check_files(name, version.version)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return RegisteredVersion(name, str(version.version), source_run, f"models:/{name}/{version.version}", model_id=logged.model_id)
+
+
+def _registered_before(client: MlflowClient, name: str, version: Any) -> RegisteredVersion:
+    """The version of a model file registered before: ``challenger`` on it unless it is the champion."""
+    if client.get_registered_model(name).aliases.get(CHAMPION) != version.version:
+        check_files(name, version.version)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return RegisteredVersion(name, str(version.version), version.run_id, f"models:/{name}/{version.version}", existed=True,
+                             model_id=getattr(version, "model_id", None))
 
 
 def _evaluation_dataset(name: str, evaluation_data: str) -> Any:
