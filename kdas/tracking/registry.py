@@ -183,7 +183,7 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
         model = client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model '{name}' in {client.tracking_uri}") from None
+            raise RegistryError(f"no registered model '{name}' in {masked(client.tracking_uri)}") from None
         raise
     return {alias: str(version) for alias, version in model.aliases.items()}
 
@@ -233,7 +233,7 @@ def check_files(name: str, version: str) -> None:
                 stored[info.path if info.path.startswith(f"{folder}/") or not folder else f"{folder}/{info.path}"] = info.file_size
     except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
         raise RegistryError(f"'{name}' version {version}: its model files cannot be read from {base or 'the store'} "
-                            f"({getattr(exc, 'message', None) or exc}); no alias moves to it") from None
+                            f"({masked(str(getattr(exc, 'message', None) or exc))}); no alias moves to it") from None
     size = get_client().get_model_version(name, version).tags.get(MODEL_BYTES_TAG)
     for key, entry in artifacts.items():
         expected = int(size) if key == MODEL_FILE_ARTIFACT and size else None

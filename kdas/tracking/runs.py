@@ -94,7 +94,7 @@ def _run(name: str, params: Mapping[str, Any] | None, kind: str) -> Iterator[Any
     except BaseException as exc:  # KeyboardInterrupt, SystemExit: stopped from outside (SIGINT, SIGTERM)
         status = RunStatus.KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else RunStatus.FAILED
         with contextlib.suppress(Exception):  # never hide the stage's own error
-            mlflow.set_tag("kdas.error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.set_tag("kdas.error", masked(f"{type(exc).__name__}: {exc}")[:5000])
         with contextlib.suppress(Exception):  # nor by a store that is gone too
             mlflow.end_run(RunStatus.to_string(status))
         raise
@@ -162,7 +162,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, *, model_id
 
 def _short(exc: BaseException) -> str:
     """An error in one short line (MLflow's connection errors run to a paragraph)."""
-    text = " ".join(str(exc).split())
+    text = masked(" ".join(str(exc).split()))
     return text if len(text) <= 200 else text[:197] + "..."
 
 

@@ -43,9 +43,10 @@ def tracking_uri() -> str:
     return f"sqlite:///{local_store().resolve()}"
 
 
-def masked(uri: str) -> str:
-    """`uri` fit to print: a password in it (postgresql://user:secret@host/db) shown as ***."""
-    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
+def masked(text: str) -> str:
+    """A URI, or a message naming one (MLflow's errors name the URL they called), fit to print:
+    a password in it (postgresql://user:secret@host/db) shown as ***."""
+    return re.sub(r"(//[^/:@\s]+):[^/@\s]*@", r"\1:***@", text)
 
 
 def local_store() -> Path | None:
@@ -65,6 +66,8 @@ def get_client() -> MlflowClient:
         store.parent.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
     check_reachable(uri)
+    if masked(uri) != uri:  # MLflow's "View run ... at <the URI>" links would print its password
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)  # the fluent API (runs, log_model) reads the global
     with _schema_lock(uri):
         client = MlflowClient(uri)
@@ -91,7 +94,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if urlparse(uri).scheme not in ("http", "https"):
         return
     if why := unreachable(uri, timeout):
-        raise RuntimeError(f"the MLflow tracking server {uri} does not answer ({why}); start it "
+        raise RuntimeError(f"the MLflow tracking server {masked(uri)} does not answer ({why}); start it "
                            "(see mlflow/README.md) or unset MLFLOW_TRACKING_URI to use the project's own store")
 
 
@@ -99,7 +102,7 @@ def store_error(exc: BaseException) -> str | None:
     """One line for an error of the tracking store itself (MLflow's, its database's beneath,
     or its artifact store's), else None: the command layer prints it instead of a traceback."""
     module = type(exc).__module__
-    text = " ".join(str(exc).split("[SQL:")[0].split())[:300]  # sqlalchemy appends the statement and a link
+    text = masked(" ".join(str(exc).split("[SQL:")[0].split())[:300])  # sqlalchemy appends the statement and a link
     if module.startswith(("botocore.", "boto3.", "s3transfer.")):  # the client writes to S3 itself
         return (f"the MLflow artifact store ({os.environ.get('MLFLOW_S3_ENDPOINT_URL', 'S3')}) failed: {text}; "
                 "check that it is up, then run the command again")
