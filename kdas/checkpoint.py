@@ -33,14 +33,17 @@ class ModelFile:
     model: PolypPVT
     image_size: int
     info: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None  # the training frames' profile (kdas.monitoring.Reference's payload)
 
     @property
     def config(self) -> dict[str, Any]:
         return self.model.config()
 
 
-def save_model(path: str | Path, model: nn.Module, *, image_size: int, info: dict[str, Any] | None = None) -> Path:
-    """Write a model file atomically. `info` holds plain values (metrics, epoch, run id...)."""
+def save_model(path: str | Path, model: nn.Module, *, image_size: int, info: dict[str, Any] | None = None,
+               reference: dict[str, Any] | None = None) -> Path:
+    """Write a model file atomically. `info` holds plain values (metrics, epoch, run id...),
+    `reference` the profile of the training frames (tensors and plain values)."""
     check_image_size(image_size, f"{path}: image_size")  # never a file that no reader can use
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     payload = {
@@ -49,6 +52,7 @@ def save_model(path: str | Path, model: nn.Module, *, image_size: int, info: dic
         "image_size": int(image_size),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "info": info or {},
+        **({"reference": reference} if reference is not None else {}),
     }
     save_torch(payload, path)
     return Path(path)
@@ -115,4 +119,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
     model = build_from_config(config, state, path)
     model.load_state_dict(state)
     model.to(device).eval()
-    return ModelFile(model=model, image_size=payload["image_size"], info=payload.get("info") or {})
+    reference = payload.get("reference")
+    return ModelFile(model=model, image_size=payload["image_size"], info=payload.get("info") or {},
+                     reference=reference if isinstance(reference, dict) else None)

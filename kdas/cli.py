@@ -43,6 +43,7 @@ COMMANDS = {
                 "Move `champion` to a registered version if it passes the gate in params.yaml (register.gate)."),
     "rollback": ("kdas.commands.promote:rollback", "Put `champion` back on the version that held it before."),
     "predict": ("kdas.commands.predict:predict", "Segment images: writes <stem>_mask.png (0/255) and <stem>_overlay.jpg to --out."),
+    "monitor": ("kdas.commands.monitor:monitor", "Compare the frames in IMAGES_DIR with the model's training frames and say whether they drifted."),
     "export": ("kdas.commands.export:export_cmd",
                "Export a model to ONNX (dynamic batch, its training size, metadata) for onnxruntime."),
 }  # fmt: skip

@@ -196,6 +196,19 @@ class ServingConfig(ServeParams):
 
 
 @dataclass(frozen=True, config=SCHEMA)
+class ReferenceParams:
+    frames: Annotated[Int, Field(ge=0, le=10**4)]  # 0: no reference profile in the model file
+    components: Annotated[Int, Field(ge=1, le=64)]
+    thumbnails: Annotated[Int, Field(ge=0, le=32)]
+
+
+@dataclass(frozen=True, config=SCHEMA)
+class MonitorParams:
+    reference: ReferenceParams  # what training writes into the model file (the train stages' params)
+    drift_share: Annotated[Float, Field(gt=0, le=1)]
+
+
+@dataclass(frozen=True, config=SCHEMA)
 class Params:
     data: DataParams
     validation: ValidationParams
@@ -205,6 +218,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     serve: ServeParams
+    monitor: MonitorParams
     profiles: dict[Str, dict[Str, Any]] = field(default_factory=dict)
 
 

@@ -96,7 +96,7 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
     # the student draws from distill.seed, so a seed sweep re-trains students and reuses the teacher
     train_params = params.train.for_role(role) if distill is None else dataclasses.replace(params.train, seed=distill.seed)
     job = TrainJob(role=role, model=spec, manifest=read_manifest(kw["manifest"]), out_dir=out, train=train_params, distill=distill,
-                   teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"])
+                   teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"], reference=params.monitor.reference)
     # SIGTERM ends training as SIGINT does, through its cleanups: the MLflow run ends KILLED, not RUNNING forever
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     _stop_with_dvc()

@@ -248,14 +248,18 @@ class PolypPVT(nn.Module):
                 "mean": list(self.mean), "std": list(self.std)}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(self.encode(x), size=x.shape[-2:])
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's last four stages (strides 4 to 32) of a B x 3 x H x W batch in [0, 1]."""
         if x.ndim != 4:
             raise ValueError(f"expected a B x C x H x W batch, got shape {tuple(x.shape)}")
-        height, width = x.shape[-2:]
-        check_input_size(height, width)
+        check_input_size(*x.shape[-2:])
+        return self.backbone((x - self._mean) / self._std)[self._feature_slice]
 
-        x = (x - self._mean) / self._std
-        f4, f8, f16, f32 = self.backbone(x)[self._feature_slice]
-
+    def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P1, P2) logits at `size` from `encode`'s features."""
+        f4, f8, f16, f32 = features
         cim = self.cim(f4)
         cfm = self.cfm(self.reduce4(f32), self.reduce3(f16), self.reduce2(f8))
         guide = F.interpolate(
@@ -263,6 +267,6 @@ class PolypPVT(nn.Module):
         )
         sam = self.sam(cfm, guide)
 
-        p1 = F.interpolate(self.head_cfm(cfm), size=(height, width), mode="bilinear")
-        p2 = F.interpolate(self.head_sam(sam), size=(height, width), mode="bilinear")
+        p1 = F.interpolate(self.head_cfm(cfm), size=tuple(size), mode="bilinear")
+        p2 = F.interpolate(self.head_sam(sam), size=tuple(size), mode="bilinear")
         return p1, p2

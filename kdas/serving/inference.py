@@ -25,6 +25,7 @@ class Segmenter:
         self.model = model_file.model.to(device).eval()
         self.image_size = model_file.image_size
         self.info = model_file.info  # where the model came from (run, data), for the record
+        self.reference = model_file.reference  # its training frames' profile (kdas.monitoring), if it carries one
         self.device = device
 
     @classmethod
@@ -33,17 +34,26 @@ class Segmenter:
         return cls(load_model(path, dev), dev)
 
     @torch.no_grad()
-    def logits(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-        """HxWx3 uint8 images -> HxW float32 logits of P1 + P2 at each image's size (fp32)."""
+    def logits_with_embeddings(self, images: Sequence[np.ndarray], batch_size: int = 8) -> tuple[list[np.ndarray], np.ndarray]:
+        """HxWx3 uint8 images -> HxW float32 logits of P1 + P2 at each image's size (fp32), and
+        the encoder's embedding of each (its deepest stage, pooled: N x C; what drift monitoring
+        compares, kdas.monitoring), from one forward pass."""
         out: list[np.ndarray] = []
+        embeddings: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             x = torch.stack([to_tensor(resize(im, self.image_size)) for im in chunk]).to(self.device)
-            p1, p2 = self.model(x)
+            features = self.model.encode(x)
+            p1, p2 = self.model.decode(features, size=x.shape[-2:])
+            embeddings.append(features[-1].float().mean(dim=(2, 3)).cpu().numpy())
             for im, logit in zip(chunk, (p1 + p2).float()):
                 full = F.interpolate(logit[None], size=im.shape[:2], mode="bilinear", align_corners=False)
                 out.append(full[0, 0].cpu().numpy())
-        return out
+        return out, np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
+
+    def logits(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """HxWx3 uint8 images -> HxW float32 logits of P1 + P2 at each image's size (fp32)."""
+        return self.logits_with_embeddings(images, batch_size)[0]
 
     def predict(self, images: Sequence[np.ndarray], batch_size: int = 8, preparation: str = "calibrated") -> list[np.ndarray]:
         """HxWx3 uint8 images -> HxW float32 maps in [0, 1] (calibrated: probabilities)."""

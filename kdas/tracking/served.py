@@ -19,6 +19,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from kdas.config import check_serving_config
+from kdas.maps import prepare
+from kdas.monitoring.frame_log import FrameLog
+from kdas.monitoring.profile import Reference
 from kdas.serving.codec import BadImage, check_header, decode, encode_image, image_bytes, png_base64
 from kdas.tracking.runs import _require_run
 from kdas.tracking.store import MODEL_FILE_ARTIFACT
@@ -53,10 +56,26 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
             if ONNX_ARTIFACT not in context.artifacts:
                 raise MlflowException(f"runtime onnxruntime, but the model has no '{ONNX_ARTIFACT}' artifact")
             self.segmenter = OnnxSegmenter.load(context.artifacts[ONNX_ARTIFACT], device=self.config["device"])
+            self.frame_log = FrameLog.from_environ(self.segmenter.image_size, self.config["threshold"], None)  # no embedding
             return
         from kdas.serving.inference import Segmenter
 
         self.segmenter = Segmenter.load(context.artifacts[MODEL_FILE_ARTIFACT], device=self.config["device"])
+        reference = self.segmenter.reference and Reference.from_payload(self.segmenter.reference, MODEL_FILE_ARTIFACT)
+        self.frame_log = FrameLog.from_environ(self.segmenter.image_size, self.config["threshold"], reference)
+
+    def _maps(self, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+        """The calibrated maps; with the frame log on, each frame recorded (with its embedding on torch)."""
+        if self.frame_log is None:
+            return self.segmenter.predict(images, batch_size=batch_size)
+        embeddings = None
+        if hasattr(self.segmenter, "logits_with_embeddings"):
+            logits, embeddings = self.segmenter.logits_with_embeddings(images, batch_size)
+            probs = [prepare(logit, "calibrated") for logit in logits]
+        else:
+            probs = self.segmenter.predict(images, batch_size=batch_size)
+        self.frame_log.record(images, probs, embeddings)
+        return probs
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         cfg = self.config
@@ -80,7 +99,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
             step = int(cfg["batch_size"])
             for start in range(0, len(blobs), step):  # decode per batch: bounded memory
                 images = [decode(data, start + i) for i, data in enumerate(blobs[start : start + step])]
-                for prob in self.segmenter.predict(images, batch_size=step):
+                for prob in self._maps(images, step):
                     mask = prob >= cfg["threshold"]
                     masks.append(png_base64(mask))
                     fractions.append(float(mask.mean()))

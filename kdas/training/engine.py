@@ -38,7 +38,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from kdas.checkpoint import ModelFile, load_model, save_model, save_torch
-from kdas.config import DistillParams, RoleModel, TrainParams
+from kdas.config import DistillParams, ReferenceParams, RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.device import autocast, autocast_dtype, select_device, tune_for_training
 from kdas.evaluation.metrics import Evaluator, mean_dice
@@ -70,6 +70,7 @@ class TrainJob:
     max_steps: int | None = None   # per epoch; for smoke tests and benchmarks
     on_epoch: EpochCallback | None = None
     info: dict = field(default_factory=dict)  # plain values saved in the model file (run id, data id...)
+    reference: ReferenceParams | None = None  # the training frames' profile the selected model file carries (None: none)
 
     @property
     def method(self) -> str:
@@ -388,6 +389,12 @@ class Trainer:
         if (self.out_dir / BEST).exists():  # the selected model on val, every figure of the protocol (per epoch only meanDic)
             best = load_model(self.out_dir / BEST, self.device).model
             summary["val"] = val_report(best, self.val_data, self.device, self.job.train.batch_size, self.job.train.amp)
+            if self.job.reference is not None and self.job.reference.frames:
+                from kdas.monitoring.profile import attach_reference
+
+                frames = [Path(f) for f in _rows(self.job.manifest, "train")["image_path"]]
+                reference = attach_reference(self.out_dir / BEST, frames, self.job.reference, self.device)
+                log.info("%s: the reference profile of %s", self.out_dir / BEST, reference.source)
         write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
 
 

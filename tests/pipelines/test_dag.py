@@ -278,8 +278,10 @@ def test_the_analysis_finds_what_it_must() -> None:
             Path("kdas/tracking/runs.py")} <= files
     assert {"train.nproc_per_node", "model.teacher", "model.teacher.weights", "train"} <= keys
     assert not any(k.startswith("model.student") for k in keys)
-    # what the teacher's training does not run: the exporter, the registry, other commands
-    assert not files & {Path("kdas/serving/export.py"), Path("kdas/serving/onnx_runtime.py"), Path("kdas/serving/inference.py"), Path("kdas/tracking/registry.py"),
+    # what the teacher's training does not run: the exporter, the registry, other commands (it
+    # runs the inference path, kdas/serving/inference.py: the model file's reference profile)
+    assert Path("kdas/serving/inference.py") in files and Path("kdas/monitoring/profile.py") in files
+    assert not files & {Path("kdas/serving/export.py"), Path("kdas/serving/onnx_runtime.py"), Path("kdas/tracking/registry.py"),
                         Path("kdas/tracking/served.py"), Path("kdas/commands/data.py")}
     assert not any(f.parent == Path("kdas/commands") and f.name not in ("__init__.py", "train.py") for f in files)  # no other command
     files, keys = stage_reads("kdas train student")
