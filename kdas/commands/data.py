@@ -25,15 +25,47 @@ def data_import(ctx: click.Context, src: Path, name: str | None, raw: Path, no_d
     """Import a public release (folder or .zip) into data/raw/<name>.
 
     Recognises Kvasir-SEG, CVC-ClinicDB (PNG or TIFF), CVC-ColonDB, PraNet's
-    TrainDataset/TestDataset trees and any images/ + masks/ pair.
+    TrainDataset/TestDataset trees and any images/ + masks/ pair. With a Prefect API
+    configured (PREFECT_API_URL), an import that changes a dataset emits the Prefect event
+    kdas.data.changed, on which prefect.yaml's `on-new-data` deployment retrains.
     """
     from kdas.data.importer import import_dataset
 
     params = params_of(ctx)
+    before = _pairs(raw)
     for path in import_dataset(src, raw, name=name, max_nonbinary=params.validation.max_nonbinary_fraction, track=not no_dvc):
-        n = len(list((path / "images").iterdir()))
-        click.echo(f"{path}: {n} image/mask pairs")
+        _announce(path, before.get(path.name, (set(), None)))
     click.echo("Next: list the dataset(s) under data.datasets in params.yaml, then `dvc repro`.")
+
+
+def _pairs(raw: Path) -> dict[str, tuple[set[str], str | None]]:
+    """Each dataset's image names and DVC hash, before an import changes them."""
+    if not raw.is_dir():
+        return {}
+    return {d.name: ({p.name for p in (d / "images").iterdir()}, _dvc_md5(d)) for d in raw.iterdir() if (d / "images").is_dir()}
+
+
+def _dvc_md5(path: Path) -> str | None:
+    import yaml
+
+    dvc_file = path.with_name(f"{path.name}.dvc")
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") if dvc_file.is_file() else None
+    return outs[0].get("md5") if outs else None
+
+
+def _announce(path: Path, before: tuple[set[str], str | None]) -> None:
+    """Say what the import wrote and, where it changed the dataset, emit kdas.data.changed
+    (its DVC hash, the number of new pairs) for the deployment that retrains on new data."""
+    from kdas.events import HOW_TO, emit
+
+    names, md5 = {p.name for p in (path / "images").iterdir()}, _dvc_md5(path)
+    payload = {"dataset": path.name, "dvc_md5": md5, "pairs": len(names), "new_pairs": len(names - before[0]),
+               "workspace": str(Path.cwd().resolve())}  # the project the import ran in: where the triggered flow runs
+    click.echo(f"{path}: {len(names)} image/mask pairs ({payload['new_pairs']} new)")
+    if (names, md5) == before and md5 is not None:
+        return  # the same data again: nothing to retrain on
+    if not emit("kdas.data.changed", f"kdas.dataset.{path.name}", payload):
+        click.echo(f"(the event kdas.data.changed was not sent: {HOW_TO}; prefect.yaml's on-new-data deployment retrains on it)")
 
 
 @data.command("fetch")
@@ -50,8 +82,9 @@ def data_fetch(ctx: click.Context, name: str, url: str | None, downloads: Path, 
     archive = fetch(name, downloads, url=url)
     click.echo(f"downloaded {archive}")
     params = params_of(ctx)
+    before = _pairs(RAW)
     for path in import_dataset(archive, RAW, name=name, max_nonbinary=params.validation.max_nonbinary_fraction, track=not no_dvc):
-        click.echo(f"{path}: {len(list((path / 'images').iterdir()))} image/mask pairs")
+        _announce(path, before.get(path.name, (set(), None)))
 
 
 @data.command("synth")

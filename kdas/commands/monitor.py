@@ -16,7 +16,8 @@ from kdas.cli import params_of
               help="A model file or a registered model (models:/kdas-student@champion): its reference profile is the baseline.")
 @click.option("--out", default=Path("reports/monitor"), show_default=True, type=click.Path(path_type=Path),
               help="Where drift.json, report.html and evidently.html go.")
-@click.option("--max-frames", default=500, show_default=True, type=click.IntRange(1), help="Profile at most this many frames (the last ones by name).")
+@click.option("--max-frames", default=500, show_default=True, type=click.IntRange(1),
+              help="Profile at most this many frames (the last ones by name).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-mlflow", is_flag=True, help="Do not log the score to MLflow.")
 @click.pass_context

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kdas.monitoring.profile import Reference, frame_features, prediction_features
+
 SERVED_LOG = "frames.jsonl"
 FOLDER_ENV = "KDAS_SERVED_LOG"
 IMAGES_ENV = "KDAS_SERVED_LOG_IMAGES_MB"

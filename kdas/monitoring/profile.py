@@ -127,7 +127,8 @@ def build_reference(segmenter: Any, paths: Sequence[Path], *, components: int, t
 
 
 def attach_reference(model_path: Path, frames: Sequence[Path], params: Any, device: Any) -> Reference:
-    """Profile `params.frames` of `frames` (the model's training frames, drawn evenly) with the model of `model_path` and write the profile into that model file."""
+    """Profile `params.frames` of `frames` (the model's training frames, drawn evenly) with
+    the model of `model_path` and write the profile into that model file."""
     from kdas.checkpoint import load_model, save_model
     from kdas.serving.inference import Segmenter
 

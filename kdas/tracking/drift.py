@@ -10,8 +10,8 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from kdas.monitoring.drift import Verdict
 from kdas.io import file_sha256
+from kdas.monitoring.drift import Verdict
 from kdas.tracking.runs import log_metrics, stage_run
 from kdas.tracking.store import get_client, masked, tracking_uri
 

@@ -24,8 +24,15 @@ from kdas.data.manifest import build_manifest
 from kdas.data.synth import write_synth
 from kdas.models import create_model
 from kdas.monitoring.frame_log import FOLDER_ENV, SERVED_LOG
-from kdas.monitoring.profile import FRAME_FEATURES, PREDICTION_FEATURES, Reference, attach_reference, embedding_columns, frame_features, \
-    prediction_features
+from kdas.monitoring.profile import (
+    FRAME_FEATURES,
+    PREDICTION_FEATURES,
+    Reference,
+    attach_reference,
+    embedding_columns,
+    frame_features,
+    prediction_features,
+)
 from kdas.monitoring.watch import watch
 from kdas.serving.codec import encode_image
 from kdas.training import TrainJob, train
@@ -47,9 +54,9 @@ def test_frame_features_see_light_colour_detail_and_size():
     noise = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
     f = {name: frame_features(image, 32) for name, image in [("dark", dark), ("bright", bright), ("red", red), ("noise", noise)]}
     assert list(f["dark"]) == list(FRAME_FEATURES)
-    assert f["dark"]["brightness"] < 0.2 < 0.8 < f["bright"]["brightness"]
+    assert f["dark"]["brightness"] < 0.2 and f["bright"]["brightness"] > 0.8
     assert f["red"]["red"] > 0.7 and f["red"]["green"] == f["red"]["blue"] == 0 and f["red"]["saturation"] == pytest.approx(1)
-    assert f["noise"]["sharpness"] > 0.01 and f["dark"]["sharpness"] == 0 and f["noise"]["contrast"] > 0.1 > 1e-6 > f["dark"]["contrast"]
+    assert f["noise"]["sharpness"] > 0.01 and f["dark"]["sharpness"] == 0 and f["noise"]["contrast"] > 0.1 and f["dark"]["contrast"] < 1e-6
     assert (f["noise"]["height"], f["noise"]["width"]) == (60, 80)
 
 

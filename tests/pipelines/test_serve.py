@@ -5,7 +5,6 @@ the workspace as its parameter (the ephemeral server refuses schedules: a real o
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,27 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, stop, wait_for_http
+from helpers import ROOT, free_port, prefect_env, stop, wait_for_http
 
 PREFECT = Path(sys.executable).parent / "prefect"
 CRON = "0 3 * * 1"
 
 pytestmark = pytest.mark.slow
-
-
-def prefect_env(home: Path, **extra: str) -> dict[str, str]:
-    """A private Prefect home and database, no telemetry, never a proxy to 127.0.0.1."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        **extra,
-    )
-    return env
 
 
 @pytest.fixture
