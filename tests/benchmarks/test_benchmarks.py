@@ -121,3 +121,11 @@ def test_real_gpu_smoke_runs_its_three_arms_and_writes_its_table(tmp_path):
     assert out.strip() == table.strip() and all(f"| {arm} |" in table for arm in ("teacher", "student", "distilled"))
     for arm in ("teacher", "student", "distilled"):
         assert (tmp_path / "gpu" / arm / "best.pt").exists()
+
+
+@pytest.mark.skipif(not DATASETS.is_dir(), reason=f"monitoring.py needs the real datasets in {DATASETS}")
+def test_monitoring_benchmark_measures_separation_speed_and_the_frame_log():
+    out = _run("benchmarks/monitoring.py", "--smoke")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "score_mean" not in line]
+    assert rows == ["kvasir-seg held out", "cvc-clinicdb", "cvc-colondb"]
+    assert "on a folder of 8 frames" in out and "with the frame log off" in out
