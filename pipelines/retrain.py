@@ -10,7 +10,8 @@ Run it once (an ephemeral Prefect server starts by itself):
 Stages are never defined here: each task runs `dvc repro --single-item <stage>`, so DVC
 keeps its cache and lineage and skips a stage whose inputs did not change. SIGTERM or
 SIGINT to the flow (or a cancellation by a Prefect worker) is passed on to the running stage
-(and all it started) and waited for, so DVC's lock is released before the flow stops.
+(and all it started) and waited for, so DVC's lock is released before the flow stops; after a
+SIGKILL, a watcher stops the stage and Prefect's temporary server (README "Limits": what stays).
 
 Several runs at once (two clones, a worker with --limit 2): register -> promote of one
 model is one run at a time, under a global concurrency limit held by the Prefect server,
@@ -159,6 +160,49 @@ def _stop(child: subprocess.Popen, signum: int) -> None:
     for p in filter(alive, procs):
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+
+
+# A SIGKILL runs no code of the flow's, so a process of its own watches it: it notes what the
+# flow has started (its descendants, every half second) and, once the flow is gone, stops them
+# as _stop would (the stages' process groups and Prefect's temporary server: SIGTERM, then SIGKILL)
+_WATCHER = """
+import os, signal, sys, time
+import psutil
+flow, flow_group, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+seen = []
+while os.getppid() == flow:
+    try:
+        seen = [p for p in psutil.Process(flow).children(recursive=True) if p.pid != os.getpid()]
+    except psutil.NoSuchProcess:
+        break
+    time.sleep(0.5)
+def send(procs, sig):
+    for p in procs:
+        try:
+            group = os.getpgid(p.pid)
+            if group != flow_group:  # a stage's own group: what it started since the last look too
+                os.killpg(group, sig)
+            p.send_signal(sig)
+        except (OSError, psutil.Error):
+            pass
+left = [p for p in seen if p.is_running()]  # (by pid and start time: a pid used again is not ours)
+send(left, signal.SIGTERM)
+send(psutil.wait_procs(left, timeout=grace)[1], signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def children_die_with_this_process() -> Iterator[None]:
+    """Within: what this process starts is stopped if it is killed (SIGKILL included), by a
+    watcher in a session of its own (a Ctrl-C at the terminal reaches the flow alone, which stops
+    its stages itself); an orderly end stops the watcher."""
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(os.getpid()), str(os.getpgrp()), str(STOP_GRACE_S)],
+                               start_new_session=True)
+    try:
+        yield
+    finally:
+        watcher.terminate()
+        watcher.wait()
 
 
 def _raise_on_signal(signum: int, frame: object) -> None:
@@ -327,7 +371,7 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
     params = load_params(root / "params.yaml")
     updates = profile_updates(params, profile) if profile else {}
     updates |= {k: v for k, v in {"data.datasets": datasets, "train.nproc_per_node": nproc_per_node}.items() if v is not None}
-    with workspace_lock(root), contextlib.chdir(root):
+    with workspace_lock(root), contextlib.chdir(root), children_die_with_this_process():
         if updates and set_params(updates, root / "params.yaml"):
             get_run_logger().info("params.yaml updated: %s", updates)
             params = load_params(root / "params.yaml")

@@ -2,7 +2,8 @@
 flow (`python -m pipelines.retrain`) while `kdas train teacher` runs under it: Prefect's engine
 handles SIGTERM itself during a flow run, and the stage must stop all the same (issue 23):
 nothing left running, DVC's lock free, the training run ended. SIGTERM/SIGINT to the stage
-task alone (a real `dvc repro` and the command it runs): the same."""
+task alone (a real `dvc repro` and the command it runs): the same. SIGKILL to the flow: what it
+started dies with it."""
 
 from __future__ import annotations
 
@@ -74,6 +75,53 @@ def test_sigterm_to_the_flow_stops_its_running_stage(project: Path) -> None:
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr  # DVC's lock is free
     assert [r.info.status for r in train_runs(client)] in (["KILLED"], ["FAILED"])
+
+
+@pytest.mark.timeout(300)
+def test_what_a_sigkilled_flow_started_dies_with_it(project: Path) -> None:
+    """A SIGKILL runs no code of the flow's: its watcher stops the stage (dvc, the training) and
+    Prefect's temporary server in its place (issue 32, low 4: they went on, and DVC committed the stage)."""
+    env = {**tool_environ(), **MLFLOW_QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"}
+    log = project / "flow.log"
+    with log.open("w") as out:
+        flow = subprocess.Popen([sys.executable, "-m", "pipelines.retrain", "--workspace", str(project)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 200
+        while training(psutil.Process(flow.pid)) is None:
+            assert flow.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        while not train_runs(client):  # into its epochs, its MLflow run open (and the watcher has seen it)
+            assert flow.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        tree = psutil.Process(flow.pid).children(recursive=True)
+        assert any("prefect.server.api.server:create_app" in " ".join(p.cmdline()) for p in tree if running(p))  # the temporary server
+        flow.kill()
+        flow.wait(10)
+        started = time.monotonic()
+        _, alive = psutil.wait_procs(tree, timeout=60)
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    alive = [p for p in alive if running(p)]
+    for p in alive:  # never leave them to the next test
+        p.kill()
+    assert not alive, alive
+    assert time.monotonic() - started < 45
+    assert "train_teacher" not in ((project / "dvc.lock").read_text() if (project / "dvc.lock").exists() else "")
+    assert [r.info.status for r in train_runs(client)] in (["KILLED"], ["FAILED"])  # the training stopped as on SIGTERM
+    again = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "synth"], cwd=project, env=tool_environ(),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr  # DVC's lock is free
+
+
+def running(proc: psutil.Process) -> bool:
+    """Alive, not an exited zombie (where nothing reaps orphans)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def train_runs(client: MlflowClient) -> list:
