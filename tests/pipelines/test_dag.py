@@ -273,7 +273,7 @@ def test_stage_declares_the_code_and_params_its_command_reads(name: str) -> None
 def test_the_analysis_finds_what_it_must() -> None:
     """The reader itself, on commands whose reads are known: it cannot pass by seeing nothing."""
     files, keys = stage_reads("kdas train teacher")
-    assert {Path("kdas/cli.py"), Path("kdas/commands/train.py"), Path("kdas/config.py"), Path("kdas/training/engine.py"),
+    assert {Path("kdas/cli.py"), Path("kdas/commands/train.py"), Path("kdas/config/load.py"), Path("kdas/training/engine.py"),
             Path("kdas/evaluation/metrics.py"), Path("kdas/checkpoint.py"), Path("kdas/io.py"), Path("kdas/models/polyp_pvt.py"),
             Path("kdas/tracking/runs.py")} <= files
     assert {"train.nproc_per_node", "model.teacher", "model.teacher.weights", "train"} <= keys
