@@ -39,7 +39,7 @@ def log_verdict(verdict: Verdict, model_ref: str, model_file: Path, out: Path) -
                 client.set_model_version_tag(version.name, version.version, key, value)
         return run.info.run_id
     except MlflowException as exc:
-        log.warning("the drift score was not logged to MLflow at %s (%s)", masked(tracking_uri()), exc.message.splitlines()[0])
+        log.warning("the drift score was not logged to MLflow at %s (%s)", masked(tracking_uri()), masked(exc.message.splitlines()[0]))
         return None
 
 

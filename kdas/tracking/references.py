@@ -64,7 +64,7 @@ def resolve_model_file(ref: str | Path, cache_dir: str | Path | None = None) -> 
         base = ModelsArtifactRepository.get_underlying_uri(uri) if uri.startswith("models:/") else uri
         spec = read_mlmodel(base)
     except MlflowException as exc:
-        raise FileNotFoundError(f"{uri}: no such MLflow model in {masked(tracking_uri())} ({exc.message})") from None
+        raise FileNotFoundError(f"{uri}: no such MLflow model in {masked(tracking_uri())} ({masked(exc.message)})") from None
     except yaml.YAMLError as exc:
         raise FileNotFoundError(f"{uri}: not an MLflow model (unreadable MLmodel: {exc})") from None
     relative = _model_file_path(spec)
@@ -87,7 +87,7 @@ def resolve_model_file(ref: str | Path, cache_dir: str | Path | None = None) -> 
                 artifact_uri=f"{base}/{relative}", dst_path=os.fspath(staging), tracking_uri=tracking_uri()
             )
         except MlflowException as exc:
-            message = f"{uri}: its kdas model file '{relative}' cannot be downloaded ({exc.message})"
+            message = f"{uri}: its kdas model file '{relative}' cannot be downloaded ({masked(exc.message)})"
             raise FileNotFoundError(message) from None
         if not Path(local).is_file():
             raise FileNotFoundError(f"{uri}: its '{MODEL_FILE_ARTIFACT}' artifact '{relative}' is no file")
