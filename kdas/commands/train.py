@@ -5,12 +5,9 @@ dvc that started it."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -37,42 +34,6 @@ def _train_options(f):
     return f
 
 
-def _stop_with_dvc(poll_s: float = 2.0) -> None:
-    """Under `dvc repro` (DVC sets DVC_STAGE), SIGTERM this process once that dvc is gone: a
-    SIGKILLed dvc left its training running on as an orphan, outside any DVC run."""
-    import threading
-
-    import psutil
-
-    if "DVC_STAGE" not in os.environ:
-        return
-    dvc = next((p for p in psutil.Process().parents() if any(Path(arg).name == "dvc" for arg in _cmdline(p))), None)
-    if dvc is None:
-        return
-
-    def watch() -> None:
-        while True:
-            try:
-                if not dvc.is_running() or dvc.status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(poll_s)
-        logging.getLogger(__name__).warning("dvc (pid %d) that ran this stage is gone: stopping", dvc.pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="dvc-watch", daemon=True).start()
-
-
-def _cmdline(process) -> list[str]:
-    import psutil
-
-    try:
-        return process.cmdline()
-    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-        return []
-
-
 def run_training(ctx: click.Context, role: str, distill: DistillParams | None, out: Path | None, teacher: Path | None, **kw) -> None:
     """`distill` None: the ground truth alone, and no distill.* key read (the teacher's stage does not depend on them)."""
     from kdas.data.manifest import data_id, read_manifest
@@ -83,13 +44,12 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
     from kdas.tracking.store import masked, tracking_uri
     from kdas.training import TrainJob
     from kdas.training import train as run_train
+    from kdas.training.dvc_watchdog import stop_with_dvc
+    from kdas.training.torchrun import relaunch_under_torchrun, under_torchrun
 
     params = params_of(ctx)
-    if params.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-        # the same command, data-parallel: torchrun starts one copy per process (NCCL on GPUs, gloo on CPU)
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.train.nproc_per_node}",
-                  "-m", "kdas", *sys.argv[1:]]
-        sys.exit(subprocess.call(launch))
+    if params.train.nproc_per_node > 1 and not under_torchrun():
+        sys.exit(relaunch_under_torchrun(params.train.nproc_per_node))
     spec = getattr(params.model, role)
     check_weights(spec.weights, resolve_backbone(spec.arch, spec.backbone))  # in seconds, before MLflow or data
     out = out or Path("models") / role
@@ -99,7 +59,7 @@ def run_training(ctx: click.Context, role: str, distill: DistillParams | None, o
                    teacher=teacher, resume=kw["resume"], device=kw["device"], max_steps=kw["max_steps"], reference=params.monitor.reference)
     # SIGTERM ends training as SIGINT does, through its cleanups: the MLflow run ends KILLED, not RUNNING forever
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
-    _stop_with_dvc()
+    stop_with_dvc()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone tracks, reports and writes
         run_train(job)
         return

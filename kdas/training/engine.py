@@ -14,6 +14,10 @@ What makes it trustworthy:
   learning-rate decay really fires, and flips/rotations really augment (train.augment);
 - an epoch's order and augmentations follow from the seed and the epoch alone
   (`SeededSampler`), whatever the number of loader workers.
+
+The loop trains and validates; what happens around each epoch (best model, checkpoint, log
+line, early stop, reports) is kdas.training.callbacks, and the optimizer comes from the task
+(SegmentationTask.configure_optimizers; kdas.training.optim: the official recipe's).
 """
 
 from __future__ import annotations
@@ -37,15 +41,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
-from kdas.checkpoint import ModelFile, load_model, save_model, save_torch
+from kdas.checkpoint import ModelFile, load_model, save_torch
 from kdas.config import DistillParams, ReferenceParams, RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset, SeededSampler
 from kdas.device import autocast, autocast_dtype, select_device, tune_for_training
 from kdas.evaluation.metrics import Evaluator, mean_dice
-from kdas.io import atomic_path, file_sha256, write_text
+from kdas.io import file_sha256
 from kdas.models import OUTPUT_STRIDE, create_model
-from kdas.progress import Progress, clock
-from kdas.training.curves import plot_history
+from kdas.progress import Progress
+from kdas.training.callbacks import Callback, default_callbacks
 from kdas.training.distributed import barrier, broadcast, init_world, shutdown
 from kdas.training.methods import create_task
 
@@ -71,6 +75,7 @@ class TrainJob:
     on_epoch: EpochCallback | None = None
     info: dict = field(default_factory=dict)  # plain values saved in the model file (run id, data id...)
     reference: ReferenceParams | None = None  # the training frames' profile the selected model file carries (None: none)
+    callbacks: list[Callback] | None = None  # None: kdas.training.callbacks.default_callbacks
 
     @property
     def method(self) -> str:
@@ -214,7 +219,8 @@ class Trainer:
         # the method's task, decided once; only a method that distils loads the teacher
         self.task = create_task(job.distill, load_teacher if job.teacher is not None else None, weighted_bce=p.weighted_bce,
                                 precision=lambda: autocast(self.device, p.amp), compile=p.compile)
-        self.train_data = PolypDataset(_rows(job.manifest, "train"), p.image_size, augment=p.augment, workers=max(1, p.workers),
+        self.train_rows = _rows(job.manifest, "train")
+        self.train_data = PolypDataset(self.train_rows, p.image_size, augment=p.augment, workers=max(1, p.workers),
                                        teacher_size=self.task.teacher_size)
         self.val_data = PolypDataset(_rows(job.manifest, "val"), p.image_size, augment=False, workers=max(1, p.workers))
         self.sampler = SeededSampler(self.train_data, p.seed, num_replicas=self.world.size, rank=self.world.rank)
@@ -230,13 +236,12 @@ class Trainer:
         self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world.distributed else self.model
         if p.compile:
             self.net = torch.compile(self.net)
-        # one multi-tensor kernel per step instead of a Python loop over ~300 parameters
-        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, **fast)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.decay_epochs, gamma=p.lr_decay)
+        self.optimizer, self.scheduler = self.task.configure_optimizers(self.model.parameters(), p, self.device)
         # fp16 needs loss scaling; bf16 and full precision do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.amp and autocast_dtype(self.device) == torch.float16)
         self.start_epoch, self.best, self.best_epoch, self.history = 0, -math.inf, -1, []
+        self.best_path, self.stop = self.out_dir / BEST, False  # a callback sets stop to end the training
+        self.callbacks = default_callbacks(self) if job.callbacks is None else job.callbacks
         self.fingerprint = _fingerprint(job, self.model.config(), self.train_data.ids + self.val_data.ids)
 
     # -- checkpoints -----------------------------------------------------------------
@@ -334,7 +339,9 @@ class Trainer:
         p = self.job.train
         if self.job.resume:
             self.load_last()
-        bad_epochs = sum(1 for h in self.history if h["epoch"] > self.best_epoch + 1)
+        callbacks = [cb for cb in self.callbacks if self.world.is_main or not cb.main_only]
+        for cb in callbacks:
+            cb.on_train_start(self)
         for epoch in range(self.start_epoch, p.epochs):
             started = time.perf_counter()
             metrics = self.train_epoch(epoch)
@@ -346,56 +353,18 @@ class Trainer:
             metrics = broadcast(self.world, metrics)
             improved = metrics["val_meanDic"] > self.best
             if improved:
-                self.best, self.best_epoch, bad_epochs = metrics["val_meanDic"], epoch, 0
-            else:
-                bad_epochs += 1
+                self.best, self.best_epoch = metrics["val_meanDic"], epoch
             self.history.append({"epoch": epoch + 1, **metrics})
-            if self.world.is_main:
-                if improved:
-                    save_model(self.out_dir / BEST, self.model, image_size=p.image_size,
-                               info={"role": self.job.role, "epoch": epoch + 1, "val_meanDic": self.best, "method": self.job.method, **self.job.info})
-                self.save_last(epoch)
-                left = (p.epochs - epoch - 1) * metrics["epoch_seconds"]
-                log.info("%s epoch %d/%d: loss %.4f, val meanDic %.4f%s, %.1f images/s, %.0f s%s", self.job.role, epoch + 1, p.epochs,
-                         metrics["train_loss"], metrics["val_meanDic"], " (best)" if improved else "", metrics["images_per_s"],
-                         metrics["epoch_seconds"], f", at most {clock(left)} to go" if left else "")
-                if self.job.on_epoch is not None:
-                    self.job.on_epoch(metrics, epoch + 1)
+            for cb in callbacks:
+                cb.on_epoch_end(self, epoch, metrics, improved)
             barrier(self.world)
-            if bad_epochs >= p.patience:
-                log.info("early stop: no better val meanDic for %d epochs", bad_epochs)
+            if self.stop:
                 break
-        if self.world.is_main:
-            self._write_reports()
+        for cb in callbacks:
+            cb.on_train_end(self)
         barrier(self.world)
         shutdown(self.world)
-        return TrainResult(self.out_dir / BEST, self.best_epoch + 1, self.best, len(self.history), self.history)
-
-    def _write_reports(self) -> None:
-        """history.csv (DVC plots), history.png (its picture), losses.csv and metrics.json (DVC
-        metrics) beside the model. losses.csv holds the method's loss components per epoch in
-        long form (epoch, component, value): dvc.yaml's plot of them colours by component
-        (kdas/training/loss_components.json), so it shows whatever terms the method has."""
-        with atomic_path(self.out_dir / "history.csv") as tmp:
-            pd.DataFrame(self.history).to_csv(tmp, index=False)
-        components = ["loss", *self.task.components]
-        with atomic_path(self.out_dir / "losses.csv") as tmp:
-            pd.DataFrame([{"epoch": h["epoch"], "component": c, "value": h[f"train_{c}"]} for h in self.history for c in components],
-                         columns=["epoch", "component", "value"]).to_csv(tmp, index=False)
-        if self.history:
-            plot_history(self.history, self.out_dir / "history.png")
-        summary = {"best_epoch": self.best_epoch + 1, "best_val_meanDic": self.best, "epochs_run": len(self.history),
-                   "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in self.history)}
-        if (self.out_dir / BEST).exists():  # the selected model on val, every figure of the protocol (per epoch only meanDic)
-            best = load_model(self.out_dir / BEST, self.device).model
-            summary["val"] = val_report(best, self.val_data, self.device, self.job.train.batch_size, self.job.train.amp)
-            if self.job.reference is not None and self.job.reference.frames:
-                from kdas.monitoring.profile import attach_reference
-
-                frames = [Path(f) for f in _rows(self.job.manifest, "train")["image_path"]]
-                reference = attach_reference(self.out_dir / BEST, frames, self.job.reference, self.device)
-                log.info("%s: the reference profile of %s", self.out_dir / BEST, reference.source)
-        write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
+        return TrainResult(self.best_path, self.best_epoch + 1, self.best, len(self.history), self.history)
 
 
 def train(job: TrainJob) -> TrainResult:

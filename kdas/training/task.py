@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from kdas.checkpoint import ModelFile
+from kdas.config import TrainParams
 from kdas.training.losses import boundary_weight, structure_term
+from kdas.training.optim import official_optimizer
 
 Precision = Callable[[], contextlib.AbstractContextManager]
 Maps = tuple[Tensor, Tensor]
@@ -60,6 +62,12 @@ class SegmentationTask(ABC):
     def __call__(self, net: nn.Module, images: Tensor, masks: Tensor, teacher_images: Tensor | None = None) -> dict[str, Tensor]:
         """The loss components of `net` on a batch. `teacher_images`: the teacher's view of the
         same augmented frames, at `teacher_size` (a task without a teacher ignores them)."""
+
+    def configure_optimizers(self, parameters: Iterable[nn.Parameter], train: TrainParams,
+                             device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimizer of the student's `parameters` and its schedule (stepped once per epoch):
+        the official recipe's (kdas.training.optim) unless a method needs its own."""
+        return official_optimizer(parameters, train, device)
 
     def _student(self, net: nn.Module, images: Tensor) -> Maps:
         with record_function("forward"):
