@@ -56,6 +56,7 @@ from kdas.io import exclusive  # noqa: E402
 from kdas.provenance import dvc_hashes  # noqa: E402
 from kdas.tracking.references import resolve_model_file  # noqa: E402
 from kdas.tracking.registry import CHAMPION, RegistryError, champion_metrics, check_registered  # noqa: E402
+from kdas.tracking.rules import gate_rules  # noqa: E402
 from kdas.tracking.runs import pipeline_run  # noqa: E402
 
 LOCK = Path(".dvc/tmp/kdas-retrain.lock")
@@ -375,6 +376,7 @@ def retrain(workspace: str = ".", profile: str | None = None, datasets: list[str
         if updates and set_params(updates, root / "params.yaml"):
             get_run_logger().info("params.yaml updated: %s", updates)
             params = load_params(root / "params.yaml")
+        gate_rules(params.register.gate, str(root / "params.yaml"))  # a bad gate rule stops the flow before it trains
         with pipeline_run("retrain", {"profile": profile or "", "datasets": params.data.datasets,
                                       "retrain_teacher": retrain_teacher}):
             stages = (["synth"] if "synth" in params.data.datasets else []) + ["manifest"]

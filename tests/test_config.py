@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from helpers import ROOT, set_key
 from kdas.cli import main
 from kdas.config import DistillParams, ParamsError, TeacherTraining, TrainParams, load_params, set_params, use_profile
+from kdas.tracking.rules import gate_rules
 
 
 @pytest.fixture
@@ -80,6 +81,21 @@ def test_wrong_types_and_values_are_one_line_naming_the_key(params_file, key, va
     with pytest.raises(ParamsError, match=message) as info:
         load_params(params_file)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("register.gate.floor", 0.2, r"register\.gate\.floor: expected a mapping, got 0\.2 \(float\)$"),  # the gate before its rules
+    ("register.gate.floor.rule", 5, r"register\.gate\.floor\.rule: expected str, got 5 \(int\)$"),
+    ("register.gate.floor.rule", "flor", r"register\.gate\.floor\.rule must be one of floor, ceiling, margin, not 'flor'$"),
+    ("register.gate.floor.mn", 0.1, r"register\.gate\.floor: unknown key\(s\) \['mn'\]; known: \['each_set', 'metric', 'min'\]$"),
+    ("register.gate.floor.min", 2, r"register\.gate\.floor\.min = 2 is out of range \[0, 1\]$"),
+    ("register.gate.margin.each_set", "yes", r"register\.gate\.margin\.each_set: expected bool, got 'yes' \(str\)$"),
+])
+def test_a_bad_gate_rule_is_one_line_naming_its_key(params_file, key, value, message):
+    """Each rule's kind types its settings (kdas.tracking.rules), as `kdas promote` and the flow read them first."""
+    edit(params_file, key, value)
+    with pytest.raises(ParamsError, match=rf"^{params_file}: {message}"):
+        gate_rules(load_params(params_file).register.gate, str(params_file))
 
 
 def test_an_int_is_a_float_and_a_missing_key_is_named(params_file):

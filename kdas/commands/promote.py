@@ -27,13 +27,15 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
     from dataclasses import asdict
 
     from kdas.io import write_text
-    from kdas.tracking import registry
+    from kdas.tracking.promote import promote as promote_version
     from kdas.tracking.references import resolve_model_file
+    from kdas.tracking.rules import gate_rules
 
     params = params_of(ctx)
+    rules = gate_rules(params.register.gate, ctx.find_root().obj["params_path"])  # a bad rule stops here, before the registry
 
-    def evaluate_champion(uri: str) -> tuple[dict[str, float], str]:
-        """The champion on the challenger's test sets (this workspace's manifest)."""
+    def evaluate_champion(uri: str) -> tuple[dict[str, dict[str, float]], str]:
+        """The champion on the challenger's test sets (this workspace's manifest): every metric per set."""
         from kdas.data.manifest import read_manifest
         from kdas.evaluation.evaluate import evaluate_model
         from kdas.serving.inference import Segmenter
@@ -42,7 +44,7 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
         seg = Segmenter.load(resolve_model_file(uri))
         result = evaluate_model(seg, read_manifest(MANIFEST), REPORTS / "promotion" / f"{role}-champion",
                                 batch_size=params.evaluate.batch_size, grid_size=params.evaluate.grid_size)
-        return result["datasets"]["mean"], result["data"]
+        return result["datasets"], result["data"]
 
     name = registry_name(ctx, role)
     registered = REPORTS / "register" / f"{role}.json"
@@ -54,7 +56,7 @@ def promote(ctx: click.Context, role: str, version: str | None, out: Path | None
         version = str(record["version"])
     if record.get("name") == name and str(record.get("version")) == version:
         _check_own(registered, record, role)
-    decision = registry.promote(name, params.register.gate, evaluate_champion, version=version)
+    decision = promote_version(name, rules, evaluate_champion, version=version)
     out = out or REPORTS / "promotion" / f"{role}.json"
     write_text(out, json.dumps(asdict(decision), indent=2))
     verdict = "promoted" if decision.promoted else "not promoted"
@@ -87,8 +89,8 @@ def _check_own(registered: Path, record: dict, role: str) -> None:
 @click.pass_context
 def rollback(ctx: click.Context, role: str) -> None:
     """Put `champion` back on the version that held it before."""
-    from kdas.tracking import registry
+    from kdas.tracking.promote import rollback as rollback_version
 
     name = registry_name(ctx, role)
-    version = registry.rollback(name)
+    version = rollback_version(name)
     click.echo(f"{name}: champion is version {version} again")

@@ -146,10 +146,24 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True, config=SCHEMA)
-class GateParams:
-    metric: Str
-    margin: Fraction
-    floor: Fraction
+class GateRule:
+    """One named rule of `register.gate`: `rule` names its kind, a rule of kdas.tracking.rules,
+    which types the rule's other keys (held in `settings`) when the gate is applied
+    (kdas.tracking.rules.gate_rules): each kind owns its settings, as a method does."""
+
+    rule: Str
+    settings: dict[Str, Any]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "settings" not in data:
+            data = {**({"rule": data["rule"]} if "rule" in data else {}), "settings": {k: v for k, v in data.items() if k != "rule"}}
+        return data
+
+
+# register.gate: the rules a challenger must all pass to become champion, by name
+GateParams = dict[Str, GateRule]
 
 
 @dataclass(frozen=True, config=SCHEMA)

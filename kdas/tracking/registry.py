@@ -1,5 +1,6 @@
-"""The model registry: one version per model file, aliases ``challenger`` and
-``champion``, promotion by the pure gate of kdas.tracking.promotion on like-for-like evidence.
+"""The model registry: one version per model file, registered with alias ``challenger``, its
+stored files checked before any alias moves to it, and what a version says of itself
+(champion_metrics, version_summary). Promotion, which moves ``champion``, is kdas.tracking.promote's.
 
 A registered version is the model's one record: it is logged in the model's training run
 (named by the model file), carries its metrics (per test set, attached to the logged model
@@ -13,9 +14,8 @@ import contextlib
 import hashlib
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +25,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from kdas.config import GateParams, check_serving_config
+from kdas.config import check_serving_config
 from kdas.io import file_sha256
 from kdas.provenance import flatten, git_tags, lineage_tags
-from kdas.tracking.promotion import CHALLENGER, CHAMPION, METRIC_TAG, Decision, Evidence, decide, metric_tags
+from kdas.tracking.promotion import CHALLENGER, CHAMPION, METRIC_TAG, metric_tags
 from kdas.tracking.runs import log_metrics, model_run
 from kdas.tracking.served import log_segmenter
 from kdas.tracking.store import MODEL_FILE_ARTIFACT, get_client, masked, project_dir, read_mlmodel, tracking_uri
 
-PREVIOUS_CHAMPION_TAG = "previous_champion"
 SHA_TAG = "kdas.model_sha256"      # the model file's content: one version per file
 EVAL_DATA_TAG = "kdas.eval_data"   # what metric.* were measured on
-REEVAL_TAG = "eval."               # eval.<data key>/<metric>: scores on other evaluation data
 MODEL_BYTES_TAG = "kdas.model_bytes"  # the model file's size: its stored copy is checked before an alias moves
-DECISION_TAG = "promotion.decision"
-# written first by a promote and replaced last: a promote stopped half-way (killed) leaves
-# this, never a decision it did not finish, and the next promote of the version finishes it
-PENDING = "pending"
-
-#: evaluate a registered version (``models:/NAME/VERSION``) on the current test sets:
-#: returns ({metric: mean over the test sets}, evaluation data id)
-Evaluator = Callable[[str], tuple[dict[str, float], str]]
 
 
 class RegistryError(RuntimeError):
@@ -62,7 +52,8 @@ class RegisteredVersion:
     model_id: str | None = None  # the MLflow logged model (its metrics, per test set)
 
 
-def _data_key(data: str) -> str:
+def data_key(data: str) -> str:
+    """A short key of an evaluation data id, for tag names."""
     return hashlib.sha256(data.encode()).hexdigest()[:12]
 
 
@@ -175,47 +166,7 @@ def _evaluation_dataset(name: str, evaluation_data: str) -> Any:
 
     # a reference, not the images: which test set, at which content (the data id's hash)
     return MetaDataset(source=HTTPDatasetSource(f"https://kdas.invalid/test-sets/{name}"), name=name,
-                       digest=_data_key(evaluation_data))
-
-
-def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model '{name}' in {masked(client.tracking_uri)}") from None
-        raise
-    return {alias: str(version) for alias, version in model.aliases.items()}
-
-
-def _record(tags: Mapping[str, str]) -> dict[str, str]:
-    """A version's promotion record among its tags."""
-    return {k: v for k, v in tags.items() if k.startswith("promotion.") or k == PREVIOUS_CHAMPION_TAG}
-
-
-@contextlib.contextmanager
-def _undone_on_error(client: MlflowClient, name: str, version: str) -> Iterator[None]:
-    """If anything fails inside, put every alias of `name` and the promotion record of
-    `version` back as they were: no evidence of a move that did not happen."""
-    before = _aliases(client, name)
-    record = _record(client.get_model_version(name, version).tags)
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(Exception):
-            now = _aliases(client, name)
-            for alias in now.keys() - before.keys():
-                client.delete_registered_model_alias(name, alias)
-            for alias, number in before.items():
-                if now.get(alias) != number:
-                    client.set_registered_model_alias(name, alias, number)
-            written = _record(client.get_model_version(name, version).tags)
-            for key in written.keys() - record.keys():
-                client.delete_model_version_tag(name, version, key)
-            for key, value in record.items():
-                if written.get(key) != value:
-                    client.set_model_version_tag(name, version, key, value)
-        raise
+                       digest=data_key(evaluation_data))
 
 
 def check_files(name: str, version: str) -> None:
@@ -244,12 +195,15 @@ def check_files(name: str, version: str) -> None:
                                 "no alias moves to it: register the model again")
 
 
-def _number(raw: str | None) -> float | None:
-    try:
-        score = float(raw) if raw is not None else None
-    except ValueError:
-        return None
-    return score if score is not None and math.isfinite(score) else None
+def tagged_metrics(tags: Mapping[str, str], prefix: str) -> dict[str, float]:
+    """The finite numbers of the tags named `prefix`<key>, by key (metric_tags' inverse)."""
+    metrics = {}
+    for key, raw in tags.items():
+        if key.startswith(prefix):
+            with contextlib.suppress(ValueError):
+                if math.isfinite(number := float(raw)):
+                    metrics[key[len(prefix):]] = number
+    return metrics
 
 
 def check_registered(name: str, version: str, sha256: str, run_id: str | None = None) -> None:
@@ -268,128 +222,6 @@ def check_registered(name: str, version: str, sha256: str, run_id: str | None = 
                             f"run {found.run_id}) than the one this workspace registered (digest {sha256[:12]}, run {run_id})")
 
 
-def _evidence(client: MlflowClient, name: str, version: str, metric: str, data: str | None = None) -> Evidence:
-    """A version's score on `data` (default: the data it was registered with)."""
-    tags = client.get_model_version(name, version).tags
-    own = tags.get(EVAL_DATA_TAG)
-    if data is None or data == own:
-        return Evidence(version, _number(tags.get(METRIC_TAG + metric)), own)
-    score = _number(tags.get(f"{REEVAL_TAG}{_data_key(data)}/{metric}"))
-    return Evidence(version, score, data if score is not None else own)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def promote(name: str, gate: GateParams, evaluate: Evaluator | None = None, version: str | None = None) -> Decision:
-    """Apply the gate (kdas.tracking.promotion.decide) to `version` of `name`.
-
-    A pipeline passes the version it registered: the ``challenger`` alias (the default, for
-    a person at a terminal) is last-writer-wins, and another run may have moved it since.
-    Callers serialise promotes of one model (the flow holds a lock the Prefect server keeps).
-
-    Like for like: when the champion was scored on other data than the challenger, it is
-    first evaluated on the challenger's test sets by `evaluate` (its scores recorded on its
-    version as ``eval.<data>/<metric>`` tags); without `evaluate`, or if that fails, the
-    decision says so and does not promote. The decision and its evidence (both data ids)
-    are written as ``promotion.*`` tags on the challenger: ``promotion.decision`` is
-    ``pending`` first and the decision last, after ``champion`` moved (the replaced champion
-    remembered as ``previous_champion``). A failure puts aliases and tags back as they were;
-    a promote killed after the move leaves ``pending`` on the champion, and promoting that
-    version again finishes its record. The champion never moves to a version whose files
-    are incomplete (check_files).
-    """
-    client = get_client()
-    aliases = _aliases(client, name)
-    challenger = version or aliases.get(CHALLENGER)
-    if challenger is None:
-        raise RegistryError(f"'{name}' has no '{CHALLENGER}' version: register one first")
-    try:
-        record = _record(client.get_model_version(name, challenger).tags)
-    except MlflowException:
-        raise RegistryError(f"'{name}' has no version {challenger}") from None
-    champion = aliases.get(CHAMPION)
-    if champion == challenger and record.get(DECISION_TAG) == PENDING:
-        client.set_model_version_tag(name, challenger, DECISION_TAG, "promoted")
-        return _recorded_promotion(challenger, record)
-    ours = _evidence(client, name, challenger, gate.metric)
-    theirs = _evidence(client, name, champion, gate.metric, ours.data) if champion else None
-    if theirs is not None and champion != challenger and theirs.data != ours.data and evaluate is not None:
-        with contextlib.suppress(Exception):  # cannot evaluate: decide() reports the data mismatch
-            means, data = evaluate(f"models:/{name}/{champion}")
-            for metric, value in means.items():
-                client.set_model_version_tag(name, champion, f"{REEVAL_TAG}{_data_key(data)}/{metric}", repr(float(value)))
-            client.set_model_version_tag(name, champion, f"{REEVAL_TAG}{_data_key(data)}.data", data)
-            theirs = _evidence(client, name, champion, gate.metric, ours.data)
-    decided = decide(ours, theirs, gate)
-    if champion == challenger:  # nothing to decide; keep the evidence of its promotion
-        return decided
-    if decided.promoted:
-        check_files(name, challenger)
-    evidence = {
-        "promotion.reason": decided.reason[:5000],
-        "promotion.metric": gate.metric,
-        "promotion.margin": repr(gate.margin),
-        "promotion.floor": repr(gate.floor),
-        "promotion.challenger_score": repr(decided.challenger_score),
-        "promotion.champion_score": repr(decided.champion_score),
-        "promotion.challenger_data": str(decided.challenger_data),
-        "promotion.champion_data": str(decided.champion_data),
-        "promotion.champion_before": str(champion),
-        "promotion.time": _now(),
-    }
-    with _undone_on_error(client, name, challenger):
-        client.set_model_version_tag(name, challenger, DECISION_TAG, PENDING)
-        for key, value in evidence.items():
-            client.set_model_version_tag(name, challenger, key, value)
-        if decided.promoted:
-            client.set_model_version_tag(name, challenger, PREVIOUS_CHAMPION_TAG, str(champion))
-            client.set_registered_model_alias(name, CHAMPION, challenger)
-        client.set_model_version_tag(name, challenger, DECISION_TAG, "promoted" if decided.promoted else "rejected")
-    return decided
-
-
-def _recorded_promotion(version: str, record: Mapping[str, str]) -> Decision:
-    """The decision a promote stopped after moving ``champion`` had written as evidence."""
-    def value(key: str) -> str | None:
-        raw = record.get(f"promotion.{key}")
-        return None if raw in (None, "None") else raw
-
-    return Decision(True, version, value("champion_before"), _number(value("challenger_score")), _number(value("champion_score")),
-                    f"{value('reason')} (the record of this promotion, stopped after the champion moved, is completed now)",
-                    value("challenger_data"), value("champion_data"))
-
-
-def rollback(name: str) -> str:
-    """Put ``champion`` back on the version it replaced; returns that version.
-
-    The demoted version loses the ``challenger`` alias too (if it had it), so that a
-    re-run of `promote` does not promote it again.
-    """
-    client = get_client()
-    aliases = _aliases(client, name)
-    current = aliases.get(CHAMPION)
-    if current is None:
-        raise RegistryError(f"'{name}' has no '{CHAMPION}': nothing to roll back")
-    previous = client.get_model_version(name, current).tags.get(PREVIOUS_CHAMPION_TAG)
-    if not previous or previous == "None":
-        raise RegistryError(
-            f"'{name}' champion version {current} replaced no earlier champion: nothing to roll back to"
-        )
-    try:
-        client.get_model_version(name, previous)
-    except MlflowException:
-        raise RegistryError(f"'{name}' version {previous} (the previous champion) no longer exists") from None
-    with _undone_on_error(client, name, current):
-        note = f"{_now()}: champion back to version {previous}"
-        client.set_model_version_tag(name, current, "promotion.rolled_back", note)
-        client.set_registered_model_alias(name, CHAMPION, previous)
-        if aliases.get(CHALLENGER) == current:
-            client.delete_registered_model_alias(name, CHALLENGER)
-    return previous
-
-
 def champion_metrics(name: str) -> dict[str, Any] | None:
     """``{"name", "version", "run_id", "data", "metrics": {metric: value}}`` of the champion,
     or None when `name` is not registered or has no champion."""
@@ -400,13 +232,8 @@ def champion_metrics(name: str) -> dict[str, Any] | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
-    metrics = {}
-    for key, value in version.tags.items():
-        if key.startswith(METRIC_TAG):
-            with contextlib.suppress(ValueError):
-                metrics[key[len(METRIC_TAG) :]] = float(value)
     return {"name": name, "version": str(version.version), "run_id": version.run_id, "data": version.tags.get(EVAL_DATA_TAG),
-            "metrics": metrics}
+            "metrics": tagged_metrics(version.tags, METRIC_TAG)}
 
 
 def version_summary(uri: str) -> str | None:

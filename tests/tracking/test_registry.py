@@ -27,23 +27,25 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from helpers import MLFLOW_SERVER_QUIET, ROOT, SERVE, free_port, kdas_cli, start_mlflow_server, stop
+from helpers import MLFLOW_SERVER_QUIET, PARAMS, ROOT, SERVE, free_port, kdas_cli, start_mlflow_server, stop
 from kdas.checkpoint import load_model, save_model
-from kdas.config import GateParams, SplitParams, SynthParams
+from kdas.config import SplitParams, SynthParams
 from kdas.data.manifest import build_manifest, data_id
 from kdas.data.synth import write_synth
 from kdas.evaluation.evaluate import evaluate_model
 from kdas.models import create_model
 from kdas.serving.inference import Segmenter
+from kdas.tracking.promote import promote, rollback
 from kdas.tracking.references import resolve_model_file
-from kdas.tracking.registry import RegistryError, champion_metrics, promote, register_model, rollback, version_summary
+from kdas.tracking.registry import RegistryError, champion_metrics, register_model, version_summary
+from kdas.tracking.rules import Floor, Margin, gate_rules
 from kdas.tracking.runs import MODEL_TAG, PARENT_RUN_ENV, stage_run
 from kdas.tracking.store import EXPERIMENT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TINY = "polyp_pvt_tiny"
-GATE = GateParams(metric="meanDic", margin=0.01, floor=0.2)
+GATE = gate_rules(PARAMS.register.gate)  # floor 0.2 and margin 0.01 on the mean meanDic
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,8 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> Non
     better = promote(name, GATE)
     assert better.promoted
     assert (better.challenger, better.champion_before) == ("2", "1")
-    assert better.challenger_score == pytest.approx(0.8) and better.champion_score == pytest.approx(0.6)
+    assert better.challenger_evidence.mean["meanDic"] == pytest.approx(0.8) and better.champion_evidence.mean["meanDic"] == pytest.approx(0.6)
+    assert better.challenger_evidence.per_set == {"kvasir": {"meanDic": 0.9}, "cvc": {"meanDic": 0.7}}  # every metric per test set
     assert aliases(name) == {"champion": "2", "challenger": "2"}
     assert version_tags(name, "2")["previous_champion"] == "1"
 
@@ -121,9 +124,9 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(project: Path) -> Non
     tags = version_tags(name, "3")
     assert tags["promotion.decision"] == "rejected"
     assert tags["promotion.reason"] == worse.reason
-    assert float(tags["promotion.challenger_score"]) == pytest.approx(0.75)
-    assert float(tags["promotion.champion_score"]) == pytest.approx(0.8)
-    assert tags["promotion.champion_before"] == "2" and tags["promotion.champion_data"] == tags["promotion.challenger_data"] == DATA
+    assert {k: v for k, v in tags.items() if k.startswith("promotion.") and k not in ("promotion.decision", "promotion.time")} == worse.tags()
+    assert tags["promotion.champion_before"] == "2" and worse.champion_data == worse.challenger_data == DATA
+    assert [(v.name, v.passed) for v in worse.verdicts] == [("floor", True), ("margin", False)]
     assert version_tags(name, "2")["promotion.decision"] == "promoted"
 
     again = promote(name, GATE)  # deterministic: the same challenger is refused again
@@ -193,28 +196,31 @@ def test_champion_and_challenger_are_compared_on_the_same_data(project: Path, tm
                               near_duplicate_distance=4, workers=1)
     calls = []
 
-    def evaluate_on_b(uri: str) -> tuple[dict[str, float], str]:
+    def evaluate_on_b(uri: str) -> tuple[dict[str, dict[str, float]], str]:
         calls.append(uri)
         result = evaluate_model(Segmenter.load(resolve_model_file(uri), "cpu"), manifest, tmp_path / f"eval{len(calls)}",
                                 batch_size=4, grid_size=1)
-        return result["datasets"]["mean"], result["data"]
+        return result["datasets"], result["data"]
 
     data_b = data_id(manifest[manifest["split"] == "test"])
-    gate = GateParams(metric="meanDic", margin=0.01, floor=0.0)  # tiny untrained models score low
+    gate = {**GATE, "floor": Floor(metric="meanDic", min=0.0, each_set=False)}  # tiny untrained models score low
     for name, delta, promoted in (("compare-better", +0.05, True), ("compare-worse", -0.05, False)):
         champion = tiny_model(project, 20)
         register_model(champion, name, {"kvasir-seg": {"meanDic": 0.99}}, evaluation_data="kvasir-seg@aaaaaaaaaaaa", serving_config=SERVE, onnx=False)
         assert promote(name, gate).promoted
-        on_b = evaluate_on_b(str(champion))[0]["meanDic"]  # what the champion scores on B
+        on_b = evaluate_on_b(str(champion))[0]["mean"]["meanDic"]  # what the champion scores on B
         challenger = tiny_model(project, 21 if promoted else 22)
         register_model(challenger, name, {"synth": {"meanDic": on_b + delta}}, evaluation_data=data_b, serving_config=SERVE, onnx=False)
         blind = promote(name, gate)  # without a way to evaluate: never decided on other data
         assert not blind.promoted and "scored on other data" in blind.reason
         decision = promote(name, gate, evaluate_on_b)
         assert decision.promoted is promoted, decision.reason
-        assert decision.champion_score == pytest.approx(on_b) and decision.champion_data == decision.challenger_data == data_b
+        assert decision.champion_evidence.mean["meanDic"] == pytest.approx(on_b) and decision.champion_data == decision.challenger_data == data_b
+        assert decision.champion_evidence.per_set["synth"]["meanDic"] == pytest.approx(on_b)  # every metric per test set, on B
         assert calls[-1] == f"models:/{name}/1"
-        assert float(version_tags(name, "1")[f"eval.{hashlib.sha256(data_b.encode()).hexdigest()[:12]}/meanDic"]) == pytest.approx(on_b)
+        key = hashlib.sha256(data_b.encode()).hexdigest()[:12]
+        assert float(version_tags(name, "1")[f"eval.{key}/meanDic"]) == pytest.approx(on_b)
+        assert float(version_tags(name, "1")[f"eval.{key}/synth/mae"]) == decision.champion_evidence.per_set["synth"]["mae"]
 
 
 def test_model_uri_resolves_to_the_kdas_model_file(project: Path, model_file: Path) -> None:
@@ -314,16 +320,17 @@ def champion_1(mlflow_store: Path) -> Path:
 KILLED_BEFORE_LAST_TAG = textwrap.dedent("""\
     import os
     from mlflow.tracking import MlflowClient
-    from kdas.config import GateParams
-    from kdas.tracking.registry import promote
+    from kdas.config import load_params
+    from kdas.tracking.promote import promote
+    from kdas.tracking.rules import gate_rules
     real = MlflowClient.set_model_version_tag
     def dies_before_the_decision(self, name, version, key, value):
         if key == "promotion.decision" and value != "pending":
             os._exit(9)  # killed: no handler, no cleanup
         return real(self, name, version, key, value)
     MlflowClient.set_model_version_tag = dies_before_the_decision
-    promote("%s", GateParams(metric="meanDic", margin=0.01, floor=0.2), version="2")
-""") % NAME
+    promote(%r, gate_rules(load_params(%r).register.gate), version="2")
+""") % (NAME, str(ROOT / "params.yaml"))
 
 
 def test_a_promote_killed_before_its_last_tag_is_finished_by_the_next(champion_1: Path) -> None:
@@ -335,7 +342,7 @@ def test_a_promote_killed_before_its_last_tag_is_finished_by_the_next(champion_1
     assert record["previous_champion"] == "1"
 
     again = promote(NAME, GATE, version="2")
-    assert again.promoted and again.champion_before == "1" and again.challenger_score == pytest.approx(0.7)
+    assert again.promoted and again.champion_before == "1" and again.challenger_evidence.mean["meanDic"] == pytest.approx(0.7)
     assert "completed now" in again.reason
     aliases, record = state("2")
     assert aliases["champion"] == "2" and record["promotion.decision"] == "promoted"
@@ -361,7 +368,7 @@ def test_a_failed_champion_move_leaves_no_evidence_and_the_aliases(champion_1: P
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_to_move_the_champion)
     with pytest.raises(MlflowException, match="went away"):
-        promote(NAME, GateParams(metric="meanDic", margin=0.5, floor=0.2), version="2")  # passes this gate
+        promote(NAME, {**GATE, "margin": Margin(metric="meanDic", margin=0.5, each_set=False)}, version="2")  # passes this gate
     assert state("2") == before  # neither 'pending' nor the evidence of a promotion that did not happen
 
 

@@ -27,10 +27,12 @@ from PIL import Image
 
 from helpers import MLFLOW_QUIET, PARAMS, SERVE, free_port, stop, wait_for_http
 from kdas.checkpoint import save_model
-from kdas.config import GateParams, check_serving_config
+from kdas.config import check_serving_config
 from kdas.models import create_model
 from kdas.serving.codec import decode_mask
-from kdas.tracking.registry import promote, register_model
+from kdas.tracking.promote import promote
+from kdas.tracking.registry import register_model
+from kdas.tracking.rules import gate_rules
 from kdas.tracking.runs import PARENT_RUN_ENV
 from kdas.tracking.served import SegmenterModel
 from kdas.tracking.store import EXPERIMENT_ENV
@@ -59,7 +61,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) ->
         model_file = save_model(root / "student.pt", create_model(TINY), image_size=64, info={})
         register_model(model_file, NAME, {"kvasir/meanDic": 0.7}, evaluation_data="synthetic-test", serving_config={**SERVE, "max_side": 1024},
                        onnx=False)  # served on torch here; tests/serving/test_export.py serves the ONNX export
-        assert promote(NAME, GateParams("meanDic", 0.01, 0.2)).promoted
+        assert promote(NAME, gate_rules(PARAMS.register.gate)).promoted
         yield uri
 
 
