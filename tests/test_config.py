@@ -86,7 +86,7 @@ def test_wrong_types_and_values_are_one_line_naming_the_key(params_file, key, va
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("register.gate.floor", 0.2, r"register\.gate\.floor: expected a mapping, got 0\.2 \(float\)$"),  # the gate before its rules
     ("register.gate.floor.rule", 5, r"register\.gate\.floor\.rule: expected str, got 5 \(int\)$"),
-    ("register.gate.floor.rule", "flor", r"register\.gate\.floor\.rule must be one of floor, ceiling, margin, not 'flor'$"),
+    ("register.gate.floor.rule", "flor", r"register\.gate\.floor\.rule must be one of floor, .*margin.*, not 'flor'$"),
     ("register.gate.floor.mn", 0.1, r"register\.gate\.floor: unknown key\(s\) \['mn'\]; known: \['each_set', 'metric', 'min'\]$"),
     ("register.gate.floor.min", 2, r"register\.gate\.floor\.min = 2 is out of range \[0, 1\]$"),
     ("register.gate.margin.each_set", "yes", r"register\.gate\.margin\.each_set: expected bool, got 'yes' \(str\)$"),
