@@ -11,17 +11,35 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import pandas as pd
+import torch
 
 from kdas.checkpoint import load_model, save_model
 from kdas.io import atomic_path, write_text
 from kdas.progress import clock
 from kdas.training.curves import plot_history
 
-if TYPE_CHECKING:
-    from kdas.training.engine import Trainer
+
+class Trainer(Protocol):
+    """What a callback sees of the engine's Trainer (kdas.training.engine)."""
+
+    job: Any  # its TrainJob
+    model: torch.nn.Module
+    task: Any  # its SegmentationTask
+    device: torch.device
+    out_dir: Path
+    best_path: Path
+    train_rows: pd.DataFrame
+    history: list[dict[str, float]]
+    best: float
+    best_epoch: int  # 0-based; -1 before the first
+    stop: bool  # set to end the training after this epoch
+
+    def save_last(self, epoch: int) -> None: ...
+
+    def val_report(self, model: torch.nn.Module) -> dict[str, float]: ...
 
 log = logging.getLogger("kdas.training.engine")
 
@@ -123,11 +141,8 @@ class Reports(Callback):
         summary = {"best_epoch": trainer.best_epoch + 1, "best_val_meanDic": trainer.best, "epochs_run": len(history),
                    "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history)}
         if trainer.best_path.exists():  # the selected model on val, every figure of the protocol (per epoch only meanDic)
-            from kdas.training.engine import val_report
-
             job = trainer.job
-            best = load_model(trainer.best_path, trainer.device).model
-            summary["val"] = val_report(best, trainer.val_data, trainer.device, job.train.batch_size, job.train.amp)
+            summary["val"] = trainer.val_report(load_model(trainer.best_path, trainer.device).model)
             if job.reference is not None and job.reference.frames:
                 from kdas.monitoring.profile import attach_reference
 

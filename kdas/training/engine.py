@@ -244,6 +244,10 @@ class Trainer:
         self.callbacks = default_callbacks(self) if job.callbacks is None else job.callbacks
         self.fingerprint = _fingerprint(job, self.model.config(), self.train_data.ids + self.val_data.ids)
 
+    def val_report(self, model: torch.nn.Module) -> dict[str, float]:
+        """Every figure of the protocol on val for `model` (the selected one)."""
+        return val_report(model, self.val_data, self.device, self.job.train.batch_size, self.job.train.amp)
+
     # -- checkpoints -----------------------------------------------------------------
     def save_last(self, epoch: int) -> None:
         state = {
