@@ -45,7 +45,7 @@ TINY = {
     ("train", "epochs"): 2,
     ("train", "workers"): 0,
     ("evaluate", "grid_size"): 2,
-    ("register", "gate", "floor"): 0.0,
+    ("register", "gate", "floor", "min"): 0.0,
     ("register", "onnx"): False,  # the export costs seconds per version; tests/serving/test_export.py registers one with it
 }
 

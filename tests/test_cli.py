@@ -22,7 +22,7 @@ def project(workdir, mlflow_store):
     tiny = {"arch": "polyp_pvt_tiny", "backbone": None, "weights": "none", "drop_path_rate": 0.0}
     params["model"].update(teacher=tiny, student=tiny)
     params["train"].update(image_size=64, epochs=1, workers=0)
-    params["register"]["gate"]["floor"] = 0.0
+    params["register"]["gate"]["floor"]["min"] = 0.0
     params["register"]["onnx"] = False  # seconds per version; tests/serving/test_export.py registers one with its export
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return workdir

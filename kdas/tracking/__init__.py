@@ -8,14 +8,16 @@
 - ``served``: the pyfunc served model (``SegmenterModel``, "models from code" around a kdas
   model file) and its per-request budget.
 - ``references``: a path or ``models:/`` / ``runs:/`` URI to a local kdas model file.
-- ``registry``: one version per model file, ``challenger`` / ``champion`` aliases,
-  promotion on like-for-like evidence, rollback.
+- ``registry``: one version per model file, alias ``challenger``, its file checks and queries.
+- ``promote``: ``champion`` moved to a challenger that passes the gate (on like-for-like
+  evidence), and rollback.
+- ``drift``: a drift verdict (kdas.monitoring) as a ``monitor`` run and version tags.
 
 This file imports nothing: callers import the submodule they use (``from
 kdas.tracking.runs import stage_run``), so a command that only logs a run does not load
 the registry, the served model or the ONNX exporter, and a DVC stage depends on the
 tracking code it runs, not on all of it.
 
-What needs no MLflow lives outside: the promotion decision (kdas.tracking.promotion), the image
-codec (kdas.serving.codec), provenance (kdas.provenance).
+What needs no MLflow is pure: the gate's rules (``rules``) and its decision (``promotion``);
+outside, the image codec (kdas.serving.codec), provenance (kdas.provenance).
 """
