@@ -63,6 +63,7 @@ def build_model(args, work: Path) -> tuple[Path, str]:
         path = work / "model.pt"
         shutil.copy(args.model, path)
         return path, f"{args.model} (trained)"
+    torch.manual_seed(0)  # the untrained decoder: the same one every run
     if args.smoke:
         return save_model(work / "model.pt", create_model("polyp_pvt_tiny"), image_size=64), "polyp_pvt_tiny, random init (smoke)"
     model = create_model("polyp_pvt", backbone="tf_efficientnet_lite0", pretrained=str(WEIGHTS))
@@ -161,6 +162,10 @@ def main() -> None:
         served = served_overhead(model, [read_rgb(p) for p in test[:48 if not args.smoke else 8]], args.repeats, work / "served")
 
     table = pd.DataFrame(rows)
+    right = table.assign(right=[rate == (0.0 if name.startswith("kvasir") else 1.0) for name, rate in zip(table["frames"], table["drift_rate"])])
+    enough = right.groupby("n")["right"].all()
+    needed = next((int(n) for n in enough.index if enough.loc[n:].all()), None)
+    gap = table[~table["frames"].str.startswith("kvasir")]["score_min"].min() - table[table["frames"].str.startswith("kvasir")]["score_max"].max()
     lines = [
         "# Drift monitoring on real frames",
         "",
@@ -172,6 +177,10 @@ def main() -> None:
         f"## Separation: the score (share of drifted features) over {args.draws} random draws of n frames",
         "",
         table.to_markdown(index=False, floatfmt=".2f"),
+        "",
+        f"Frames per decision: from n = {needed} on, every draw decided right on all three sets (no drift on held-out "
+        f"Kvasir-SEG, drift on both other hospitals'); over all n the lowest other-hospital score is {gap:+.2f} above the "
+        f"highest held-out one." if needed else "Frames per decision: no n in this run decided every draw right.",
         "",
         "## Speed",
         "",

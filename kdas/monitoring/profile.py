@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
@@ -28,15 +29,16 @@ THUMBNAIL = 96  # px, the side of the few reference frames a report shows
 
 
 def frame_features(image: np.ndarray, size: int) -> dict[str, float]:
-    """Statistics of an HxWx3 uint8 frame, seen at `size` x `size` px."""
-    x = resize(image, size).astype(np.float32) / 255
-    luma = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    high, low = x.max(axis=-1), x.min(axis=-1)
-    laplacian = 4 * luma[1:-1, 1:-1] - luma[:-2, 1:-1] - luma[2:, 1:-1] - luma[1:-1, :-2] - luma[1:-1, 2:]
-    red, green, blue = x.reshape(-1, 3).mean(axis=0)
-    return {"brightness": float(luma.mean()), "contrast": float(luma.std()),
-            "saturation": float(((high - low) / np.maximum(high, 1e-6)).mean()),
-            "red": float(red), "green": float(green), "blue": float(blue), "sharpness": float(laplacian.var()),
+    """Statistics of an HxWx3 uint8 frame, seen at `size` x `size` px (OpenCV: a few ms at
+    most, a served request pays it per frame)."""
+    small = resize(image, size)
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255  # luma, BT.601
+    mean, std = cv2.meanStdDev(gray)
+    red, green, blue = (v / 255 for v in cv2.mean(small)[:3])
+    saturation = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)[..., 1].mean() / 255  # (max - min) / max
+    return {"brightness": float(mean[0, 0]), "contrast": float(std[0, 0]), "saturation": float(saturation),
+            "red": float(red), "green": float(green), "blue": float(blue),
+            "sharpness": float(cv2.Laplacian(gray, cv2.CV_32F).var()),
             "height": float(image.shape[0]), "width": float(image.shape[1])}
 
 
