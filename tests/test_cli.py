@@ -63,7 +63,7 @@ def test_data_train_each_method_evaluate_predict_and_score(project):
     assert "version 2: promoted" in kdas("promote")  # the same scores: within the margin
     assert "champion is version 1 again" in kdas("rollback")
     decision = json.loads((project / "reports/promotion/student.json").read_text())
-    assert decision["challenger_data"] == decision["champion_data"] == json.loads(
+    assert decision["challenger_evidence"]["data"] == decision["champion_evidence"]["data"] == json.loads(
         (project / "reports/evaluate/student/metrics.json").read_text())["data"]
 
     image = project / "data/raw/synth/images/synth_0001.png"
