@@ -163,41 +163,12 @@ def _stop(child: subprocess.Popen, signum: int) -> None:
             p.kill()
 
 
-# A SIGKILL runs no code of the flow's, so a process of its own watches it: it notes what the
-# flow has started (its descendants, every half second) and, once the flow is gone, stops them
-# as _stop would (the stages' process groups and Prefect's temporary server: SIGTERM, then SIGKILL)
-_WATCHER = """
-import os, signal, sys, time
-import psutil
-flow, flow_group, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-seen = []
-while os.getppid() == flow:
-    try:
-        seen = [p for p in psutil.Process(flow).children(recursive=True) if p.pid != os.getpid()]
-    except psutil.NoSuchProcess:
-        break
-    time.sleep(0.5)
-def send(procs, sig):
-    for p in procs:
-        try:
-            group = os.getpgid(p.pid)
-            if group != flow_group:  # a stage's own group: what it started since the last look too
-                os.killpg(group, sig)
-            p.send_signal(sig)
-        except (OSError, psutil.Error):
-            pass
-left = [p for p in seen if p.is_running()]  # (by pid and start time: a pid used again is not ours)
-send(left, signal.SIGTERM)
-send(psutil.wait_procs(left, timeout=grace)[1], signal.SIGKILL)
-"""
-
-
 @contextlib.contextmanager
 def children_die_with_this_process() -> Iterator[None]:
     """Within: what this process starts is stopped if it is killed (SIGKILL included), by a
     watcher in a session of its own (a Ctrl-C at the terminal reaches the flow alone, which stops
     its stages itself); an orderly end stops the watcher."""
-    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(os.getpid()), str(os.getpgrp()), str(STOP_GRACE_S)],
+    watcher = subprocess.Popen([sys.executable, "-m", "pipelines.orphan_watch", str(os.getpid()), str(os.getpgrp()), str(STOP_GRACE_S)],
                                start_new_session=True)
     try:
         yield
