@@ -1,1 +1,1 @@
-"""Prefect flows and deployments: the only place that imports prefect."""
+"""Prefect flows and deployments, and the flow's SIGKILL watcher (kdas.events alone sends kdas's events from the library)."""
