@@ -39,13 +39,19 @@ def training(flow: psutil.Process) -> psutil.Process | None:
     return None
 
 
-@pytest.mark.timeout(300)
-def test_sigterm_to_the_flow_stops_its_running_stage(project: Path) -> None:
+def start_flow(project: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m pipelines.retrain` on `project`, its output in project/flow.log."""
     env = {**tool_environ(), **MLFLOW_QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"}
     log = project / "flow.log"
     with log.open("w") as out:
         flow = subprocess.Popen([sys.executable, "-m", "pipelines.retrain", "--workspace", str(project)], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
+    return flow, log
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_flow_stops_its_running_stage(project: Path) -> None:
+    flow, log = start_flow(project)
     try:
         deadline = time.monotonic() + 200
         stage = None
@@ -53,7 +59,7 @@ def test_sigterm_to_the_flow_stops_its_running_stage(project: Path) -> None:
             assert flow.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             stage = training(psutil.Process(flow.pid))
             time.sleep(0.2)
-        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
         while not train_runs(client):  # into its epochs, its MLflow run open
             assert flow.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
@@ -81,17 +87,13 @@ def test_sigterm_to_the_flow_stops_its_running_stage(project: Path) -> None:
 def test_what_a_sigkilled_flow_started_dies_with_it(project: Path) -> None:
     """A SIGKILL runs no code of the flow's: its watcher stops the stage (dvc, the training) and
     Prefect's temporary server in its place (issue 32, low 4: they went on, and DVC committed the stage)."""
-    env = {**tool_environ(), **MLFLOW_QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"}
-    log = project / "flow.log"
-    with log.open("w") as out:
-        flow = subprocess.Popen([sys.executable, "-m", "pipelines.retrain", "--workspace", str(project)], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+    flow, log = start_flow(project)
     try:
         deadline = time.monotonic() + 200
         while training(psutil.Process(flow.pid)) is None:
             assert flow.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
         while not train_runs(client):  # into its epochs, its MLflow run open (and the watcher has seen it)
             assert flow.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from helpers import distill_params
-from kdas.config import RoleModel, SplitParams, SynthParams, TrainParams
-from kdas.data.manifest import build_manifest
-from kdas.data.synth import write_synth
+from kdas.config import RoleModel, TrainParams
 from kdas.training import TrainJob, train
 from kdas.training.callbacks import Callback, EarlyStopping, default_callbacks
 from kdas.training.engine import Trainer
@@ -19,13 +17,6 @@ from kdas.training.task import GroundTruthTask
 TINY = TrainParams(image_size=64, batch_size=4, epochs=4, lr=1e-3, weight_decay=1e-4, grad_clip=0.5, multiscale=[1.0], lr_decay=0.1,
                    decay_epochs=50, patience=20, seed=0, workers=0, nproc_per_node=1, amp=True, compile=False, augment=False, weighted_bce=True)
 MODEL = RoleModel(arch="polyp_pvt_tiny", backbone=None, weights="none", drop_path_rate=0.0)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synth(root / "raw" / "synth", SynthParams(n_images=12, size=64, empty_fraction=0.0, seed=0))
-    return build_manifest(root / "raw", ["synth"], SplitParams(val_fraction=0.25, test_fraction=0.2, seed=0), near_duplicate_distance=4, workers=1)
 
 
 def job(manifest, out, **kw) -> TrainJob:

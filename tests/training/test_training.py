@@ -17,10 +17,8 @@ import torch
 
 from helpers import distill_params, tiny_teacher_project, tool_environ
 from kdas.checkpoint import load_model, save_model
-from kdas.config import RoleModel, SplitParams, SynthParams, TrainParams
+from kdas.config import RoleModel, TrainParams
 from kdas.data.dataset import PolypDataset
-from kdas.data.manifest import build_manifest
-from kdas.data.synth import write_synth
 from kdas.io import folder_lock
 from kdas.models import create_model
 from kdas.training import TrainJob, train
@@ -34,13 +32,6 @@ TINY = TrainParams(image_size=64, batch_size=4, epochs=3, lr=1e-3, weight_decay=
 NONE = distill_params("none")
 DISTILLING = [name for name in names() if name != "none"]
 TINY_MODEL = RoleModel(arch="polyp_pvt_tiny", backbone=None, weights="none", drop_path_rate=0.0)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synth(root / "raw" / "synth", SynthParams(n_images=16, size=64, empty_fraction=0.0, seed=0))
-    return build_manifest(root / "raw", ["synth"], SplitParams(val_fraction=0.25, test_fraction=0.2, seed=0), near_duplicate_distance=4, workers=1)
 
 
 def job(manifest, out, **kw):
