@@ -17,7 +17,7 @@ OMP_WAIT_POLICY=PASSIVE python benchmarks/real_cpu.py`. The steps:
 1. the data (`kdas data import` x3, `kdas params use real-cpu`, `dvc repro validate`);
 2. the teacher, trained once per workspace (`kdas train teacher --resume`: a killed run
    continues), scored on the test sets (`kdas evaluate --role teacher`) and on train and val
-   (its headroom); a later session's fresh clone trains it again with the same recipe and seed,
+   (its headroom), then recorded in dvc.lock (`dvc commit train_teacher`); a later session's fresh clone trains it again with the same recipe and seed,
    and every student records which teacher it learnt from;
 3. the control check: each method at teacher weight 0 against method none, 2 short epochs on
    real frames, in process: the same val meanDic and structure loss at every epoch or the
@@ -117,6 +117,9 @@ def teacher(results: dict) -> None:
     epochs = load_params(ROOT / "params.yaml").train.for_role("teacher").epochs
     if read("models/teacher/metrics.json").get("epochs_run") != epochs or not (ROOT / "models/teacher/best.pt").exists():
         sh("kdas", "train", "teacher", "--resume")
+    # trained outside `dvc repro` (to resume across sessions): record it in dvc.lock and the
+    # cache, or each `dvc exp run` checks the lock's teacher out over it (round three lost one so)
+    sh("dvc", "commit", "--force", "train_teacher")
     sha = _sha(ROOT / "models/teacher/best.pt")
     if sha in results.setdefault("teachers", {}):
         return
@@ -355,13 +358,15 @@ def report(results: dict, reading: str) -> str:
              "variants chosen on val on seed 0. Round two (another input pipeline for the distilled arms, the convex loss):",
              "[real-cpu-round2.md](real-cpu-round2.md); round one: [real-cpu-round1.md](real-cpu-round1.md).", ""]
     if teachers := results.get("teachers"):
-        lines += ["## The teacher", "", "Trained once per session that found none (same recipe and seed); each student lists the one it learnt from.", "",
+        lines += ["## The teacher", "", "Trained once in the benchmark's clone (again, same recipe and seed, by a clone that has none); "
+                  "each student lists the one it learnt from.", "",
                   "| EfficientNet-Lite2, published meanDic | train | val | test (mean of 3) | " + " | ".join(DATASETS) + " | best epoch / run | train s |",
                   "|---|---|---|---|" + "---|" * len(DATASETS) + "---|---|"]
         for sha, t in teachers.items():
             lines.append(f"| `{sha[:8]}` | {t['headroom']['train']:.4f} | {t['headroom']['val']:.4f} | {t['mean']:.4f} | "
                          + " | ".join(f"{t['published'][d]:.4f}" for d in DATASETS) + f" | {t['best_epoch']} / {t['epochs_run']} | {t['train_seconds']:.0f} |")
-        lines.append("")
+        notes = [f"`{sha[:8]}`: {t['note']}." for sha, t in teachers.items() if "note" in t]
+        lines += ["", *notes, ""] if notes else [""]
     if c := results.get("control"):
         lines += ["## The control", "", f"Each method at teacher weight 0 against method none ({c['train_frames']} real training frames, "
                   f"{c['epochs']} epochs of {c['steps_per_epoch']} steps), the largest difference of val meanDic or structure loss over the epochs: "

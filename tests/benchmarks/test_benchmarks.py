@@ -95,7 +95,7 @@ def test_real_cpu_plans_on_val_and_reports_paired_differences(tmp_path, monkeypa
     monkeypatch.setitem(real_cpu.GRID, "kd", {"kd-w1-t1": {"weight": 1.0}, "kd-w1-t4": {"weight": 1.0, "temperature": 4.0}})
     runs = {f"{name}-seed0": _bench_run(0.80, 0.85) for name in real_cpu.variants()}
     runs["kd-w1-t4-seed0"] = _bench_run(0.70, 0.90)  # best on val, worse on test: it is the one chosen
-    teacher = {**_bench_run(0.90, 0.95, seconds=3600.0), "headroom": {"train": 0.97, "val": 0.95}}
+    teacher = {**_bench_run(0.90, 0.95, seconds=3600.0), "headroom": {"train": 0.97, "val": 0.95}, "note": "retrained"}
     speed = {"none": 3.0, "kd": 2.5, "sgm": 2.0, "kdas": 2.4}  # images/s: sgm is the slowest, 1.5x slower than none
     results = {"runs": runs, "teachers": {"ab" * 32: teacher}, "speed": {"images_per_s": speed, "machine": "test"}}
     todo = [name for name, _ in real_cpu.plan(results) if name not in runs]
@@ -111,7 +111,7 @@ def test_real_cpu_plans_on_val_and_reports_paired_differences(tmp_path, monkeypa
     row = next(line for line in table.splitlines() if line.startswith("| kd-w1-t4 |") and "+" in line)
     # diffs -0.10, +0.02, +0.02: mean -0.02, std 0.0693, t -0.50; gap share -0.02 / (0.90 - 0.81)
     assert "-0.1000, +0.0200, +0.0200 | -0.0200 | 0.0693 | -0.50 |" in row and row.endswith("| -0.22 |")
-    assert "| `abababab` | 0.9700 | 0.9500 | 0.9000 |" in table
+    assert "| `abababab` | 0.9700 | 0.9500 | 0.9000 |" in table and "\n`abababab`: retrained.\n" in table
 
 
 def test_real_gpu_smoke_runs_its_three_arms_and_writes_its_table(tmp_path):
