@@ -365,12 +365,17 @@ def report(results: dict, reading: str) -> str:
         for sha, t in teachers.items():
             lines.append(f"| `{sha[:8]}` | {t['headroom']['train']:.4f} | {t['headroom']['val']:.4f} | {t['mean']:.4f} | "
                          + " | ".join(f"{t['published'][d]:.4f}" for d in DATASETS) + f" | {t['best_epoch']} / {t['epochs_run']} | {t['train_seconds']:.0f} |")
-        notes = [f"`{sha[:8]}`: {t['note']}." for sha, t in teachers.items() if "note" in t]
+        notes = [f"- `{sha[:8]}`: {t['note']}." for sha, t in teachers.items() if "note" in t]
         lines += ["", *notes, ""] if notes else [""]
     if c := results.get("control"):
         lines += ["## The control", "", f"Each method at teacher weight 0 against method none ({c['train_frames']} real training frames, "
                   f"{c['epochs']} epochs of {c['steps_per_epoch']} steps), the largest difference of val meanDic or structure loss over the epochs: "
                   + ", ".join(f"{m} {v:.1e}" for m, v in sorted(c["max_abs_difference"].items())) + ".", ""]
+    if sp := results.get("speed"):
+        rates = sp["images_per_s"]
+        cost = [f"{m} {rates[m]:.2f}" + (f" ({rates['none'] / rates[m]:.2f}x slower)" if m != "none" else "") for m in GRID if m in rates]
+        lines += ["## What each method costs", "", f"Training images per second, measured in one process on {sp['machine']} (2 epochs of 10 steps "
+                  "on real frames, the second one's rate): " + ", ".join(cost) + ".", ""]
     by_arm = arms(results)
     if by_arm:
         lines += ["## Every student", "", "Mean published meanDic over the three test sets (best val meanDic, epoch / run, training s):", "",

@@ -111,7 +111,8 @@ def test_real_cpu_plans_on_val_and_reports_paired_differences(tmp_path, monkeypa
     row = next(line for line in table.splitlines() if line.startswith("| kd-w1-t4 |") and "+" in line)
     # diffs -0.10, +0.02, +0.02: mean -0.02, std 0.0693, t -0.50; gap share -0.02 / (0.90 - 0.81)
     assert "-0.1000, +0.0200, +0.0200 | -0.0200 | 0.0693 | -0.50 |" in row and row.endswith("| -0.22 |")
-    assert "| `abababab` | 0.9700 | 0.9500 | 0.9000 |" in table and "\n`abababab`: retrained.\n" in table
+    assert "| `abababab` | 0.9700 | 0.9500 | 0.9000 |" in table and "\n- `abababab`: retrained.\n" in table
+    assert "sgm 2.00 (1.50x slower)" in table
 
 
 def test_real_gpu_smoke_runs_its_three_arms_and_writes_its_table(tmp_path):
