@@ -22,8 +22,9 @@ OMP_WAIT_POLICY=PASSIVE python benchmarks/real_cpu.py`. The steps:
 3. the control check: each method at teacher weight 0 against method none, 2 short epochs on
    real frames, in process: the same val meanDic and structure loss at every epoch or the
    benchmark stops; then each method's training speed, measured in one process (`speed`);
-4. the students, one DVC experiment each: `dvc exp run -s distill evaluate@student -n NAME -S
-   ...` (-s: the teacher is not retrained). Seed 0 runs the student alone and every variant of
+4. the students, one DVC experiment each, run as `dvc exp run -s distill evaluate@student -n
+   NAME -S ...` would run them but resumable (`student`: a student killed with its session
+   continues from its last epoch); the teacher is not retrained. Seed 0 runs the student alone and every variant of
    GRID; the variant of each method with the best val meanDic (never a test score) goes on to
    seeds 1 and 2, the student alone too; then the equal-time arm (the student alone trained
    as much longer as the slowest distilled method is slower, by `speed`'s ratio).
@@ -118,7 +119,8 @@ def teacher(results: dict) -> None:
     if read("models/teacher/metrics.json").get("epochs_run") != epochs or not (ROOT / "models/teacher/best.pt").exists():
         sh("kdas", "train", "teacher", "--resume")
     # trained outside `dvc repro` (to resume across sessions): record it in dvc.lock and the
-    # cache, or each `dvc exp run` checks the lock's teacher out over it (round three lost one so)
+    # cache, so the students' experiments name a teacher DVC can restore (and `dvc exp run`,
+    # which checks out the lock's outputs first, does not delete it: round three lost one so)
     sh("dvc", "commit", "--force", "train_teacher")
     sha = _sha(ROOT / "models/teacher/best.pt")
     if sha in results.setdefault("teachers", {}):
@@ -282,14 +284,25 @@ def plan(results: dict) -> list[tuple[str, list[str]]]:
 
 
 def student(results: dict, name: str, settings: list[str]) -> None:
+    """One student, as `dvc exp run -s distill evaluate@student -S ...` would run it, but
+    resumable: its settings are written into params.yaml (as -S writes them), it trains with
+    --resume (a run killed with its session continues in the next one), is scored, and then
+    `dvc exp save` records both stages in dvc.lock and the cache and saves the experiment NAME
+    (`dvc exp show` lists them)."""
+    import yaml
+
+    from kdas.config import set_params
+
     started = time.time()
-    sh("dvc", "exp", "run", "-s", "distill", "evaluate@student", "-n", name, *[a for s in settings for a in ("-S", s)])
+    set_params({key: yaml.safe_load(value) for key, value in (s.split("=", 1) for s in settings)}, ROOT / "params.yaml")
+    sh("kdas", "train", "student", "--resume")
+    sh("kdas", "evaluate", "--role", "student")
+    sh("dvc", "exp", "save", "--force", "-n", name, "distill", "evaluate@student")
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, capture_output=True).stdout.strip()
-    results["runs"][name] = {"settings": settings, "baseline": rev, "machine": machine(), "wall_seconds": round(time.time() - started),
-                             "teacher": _sha(ROOT / "models/teacher/best.pt"),
+    results["runs"][name] = {"settings": settings, "baseline": rev, "machine": machine(), "teacher": _sha(ROOT / "models/teacher/best.pt"),
                              **_scores("reports/evaluate/student/metrics.json"), **_training("models/student")}
     save(results)
-    print(f"{name}: mean published meanDic {results['runs'][name]['mean']:.4f} in {(time.time() - started) / 60:.1f} min", flush=True)
+    print(f"{name}: mean published meanDic {results['runs'][name]['mean']:.4f} ({(time.time() - started) / 60:.1f} min in this run)", flush=True)
 
 
 def schedule_check(results: dict) -> None:
@@ -353,8 +366,9 @@ def report(results: dict, reading: str) -> str:
     lines = ["# Real-data distillation benchmark on a 2-core CPU, round three", "", READING, "",
              reading.strip() or "(to be written when the runs are in: what the numbers say)", "",
              "## How it was run", "",
-             "`python benchmarks/real_cpu.py` in a clone of its own (its docstring gives every step); each student is a DVC",
-             f"experiment `dvc exp run -s distill evaluate@student -n NAME -S ...`. Schedule for every student: {SCHEDULE} (StepLR x0.1);",
+             "`python benchmarks/real_cpu.py` in a clone of its own (its docstring gives every step); each student is a DVC experiment",
+             "(`dvc exp show`), trained as `dvc exp run -s distill evaluate@student -S ...` would train it, but resumably.",
+             f"Schedule for every student: {SCHEDULE} (StepLR x0.1);",
              "variants chosen on val on seed 0. Round two (another input pipeline for the distilled arms, the convex loss):",
              "[real-cpu-round2.md](real-cpu-round2.md); round one: [real-cpu-round1.md](real-cpu-round1.md).", ""]
     if teachers := results.get("teachers"):
