@@ -17,17 +17,19 @@ OMP_WAIT_POLICY=PASSIVE python benchmarks/real_cpu.py`. The steps:
 1. the data (`kdas data import` x3, `kdas params use real-cpu`, `dvc repro validate`);
 2. the teacher, trained once per workspace (`kdas train teacher --resume`: a killed run
    continues), scored on the test sets (`kdas evaluate --role teacher`) and on train and val
-   (its headroom), then recorded in dvc.lock (`dvc commit train_teacher`); a later session's fresh clone trains it again with the same recipe and seed,
-   and every student records which teacher it learnt from;
+   (its headroom), and recorded in dvc.lock (`dvc commit train_teacher`); a fresh clone
+   trains it again with the same recipe and seed, and every student records which teacher
+   it learnt from;
 3. the control check: each method at teacher weight 0 against method none, 2 short epochs on
    real frames, in process: the same val meanDic and structure loss at every epoch or the
    benchmark stops; then each method's training speed, measured in one process (`speed`);
-4. the students, one DVC experiment each, run as `dvc exp run -s distill evaluate@student -n
-   NAME -S ...` would run them but resumable (`student`: a student killed with its session
-   continues from its last epoch); the teacher is not retrained. Seed 0 runs the student alone and every variant of
-   GRID; the variant of each method with the best val meanDic (never a test score) goes on to
-   seeds 1 and 2, the student alone too; then the equal-time arm (the student alone trained
-   as much longer as the slowest distilled method is slower, by `speed`'s ratio).
+4. the students, one DVC experiment each, trained as `dvc exp run -s distill
+   evaluate@student -n NAME -S ...` would train them, but resumably (`student`: one killed
+   with its session continues from its last epoch); the teacher is not retrained. Seed 0
+   runs the student alone and every variant of GRID; the variant of each method with the
+   best val meanDic (never a test score) goes on to seeds 1 and 2, the student alone too;
+   then the equal-time arm (the student alone trained as much longer as the slowest
+   distilled method is slower, by `speed`'s ratio).
 
 Each finished student is written at once to benchmarks/results/real-cpu.json (commit it as it
 grows: a rerun skips what it holds), and real-cpu.md is made from it.
