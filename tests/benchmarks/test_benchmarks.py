@@ -97,7 +97,7 @@ def test_real_cpu_plans_on_val_and_reports_paired_differences(tmp_path, monkeypa
     runs["kd-w1-t4-seed0"] = _bench_run(0.70, 0.90)  # best on val, worse on test: it is the one chosen
     teacher = {**_bench_run(0.90, 0.95, seconds=3600.0), "headroom": {"train": 0.97, "val": 0.95}, "note": "retrained"}
     speed = {"none": 3.0, "kd": 2.5, "sgm": 2.0, "kdas": 2.4}  # images/s: sgm is the slowest, 1.5x slower than none
-    results = {"runs": runs, "teachers": {"ab" * 32: teacher}, "speed": {"images_per_s": speed, "machine": "test"}}
+    results = {"runs": runs, "teachers": {"ab" * 32: teacher}, "speed": {"images_per_s": speed, "machine": "test", "recipe": real_cpu.SPEED}}
     todo = [name for name, _ in real_cpu.plan(results) if name not in runs]
     assert "kd-w1-t4-seed1" in todo and "kd-w1-t1-seed1" not in todo and {"none-seed1", "none-seed2"} <= set(todo)
     eq = dict(s.split("=") for s in dict(real_cpu.plan(results))["none-equal-time-seed0"])
@@ -112,7 +112,7 @@ def test_real_cpu_plans_on_val_and_reports_paired_differences(tmp_path, monkeypa
     # diffs -0.10, +0.02, +0.02: mean -0.02, std 0.0693, t -0.50; gap share -0.02 / (0.90 - 0.81)
     assert "-0.1000, +0.0200, +0.0200 | -0.0200 | 0.0693 | -0.50 |" in row and row.endswith("| -0.22 |")
     assert "| `abababab` | 0.9700 | 0.9500 | 0.9000 |" in table and "\n- `abababab`: retrained.\n" in table
-    assert "sgm 2.00 (1.50x slower)" in table
+    assert "sgm 2.00 (1.50x slower)" in table and "across loads): kd-w1-t1 7, kd-w1-t4 7," in table  # seconds per epoch: 100 over 14
 
 
 def test_real_gpu_smoke_runs_its_three_arms_and_writes_its_table(tmp_path):
