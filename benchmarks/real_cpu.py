@@ -394,15 +394,15 @@ def report(results: dict, reading: str) -> str:
         lines += ["## The control", "", f"Each method at teacher weight 0 against method none ({c['train_frames']} real training frames, "
                   f"{c['epochs']} epochs of {c['steps_per_epoch']} steps), the largest difference of val meanDic or structure loss over the epochs: "
                   + ", ".join(f"{m} {v:.1e}" for m, v in sorted(c["max_abs_difference"].items())) + ".", ""]
+    by_arm = arms(results)
     if sp := results.get("speed"):
         rates = sp["images_per_s"]
         cost = [f"{m} {rates[m]:.2f}" + (f" ({rates['none'] / rates[m]:.2f}x slower)" if m != "none" else "") for m in GRID if m in rates]
-        epoch_s = {arm: statistics.mean(r["train_seconds"] / r["epochs_run"] for r in seeds.values()) for arm, seeds in arms(results).items()}
+        epoch_s = {arm: statistics.mean(r["train_seconds"] / r["epochs_run"] for r in seeds.values()) for arm, seeds in by_arm.items()}
         lines += ["## What each method costs", "", f"Training images per second, measured in one process on {sp['machine']} (the best of "
                   f"{sp['recipe']['rounds']} interleaved rounds of 2 epochs of {sp['recipe']['steps']} steps on real frames, the second epoch's "
                   "rate): " + ", ".join(cost) + ". Seconds per epoch in the students' own runs (across sessions, so across loads): "
                   + ", ".join(f"{arm} {t:.0f}" for arm, t in sorted(epoch_s.items())) + ".", ""]
-    by_arm = arms(results)
     if by_arm:
         lines += ["## Every student", "", "Mean published meanDic over the three test sets (best val meanDic, epoch / run, training s):", "",
                   "| arm | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |", "|---|" + "---|" * (len(SEEDS) + 1)]
